@@ -1,0 +1,101 @@
+"""The flags every level takes, standalone (`python levels/levelN_*.py ...`) and through `python run.py level N ...`.
+
+A level's hyperparameters are a dataclass in the level file. The common flags below set the common fields
+(model, epochs, batch size, learning rate, image size); every other field of the dataclass becomes a flag
+of its own (`weight_decay` -> `--weight-decay`, a bool `ablation` -> `--ablation/--no-ablation`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass
+
+# The smoke profile: small enough to finish Level 1 in well under a minute on a 2-core CPU.
+# Its numbers are not comparable with a full run (a tenth of the test set, one epoch, tiny images).
+QUICK_PROFILE = dict(train_size=2000, val_size=500, test_size=1000, epochs=1, img_size=64)
+
+HYPERPARAMETER_FLAGS = ("model", "epochs", "batch_size", "lr", "img_size")
+
+
+@dataclass
+class RunSettings:
+    """Where and how to run; not part of a level's recipe."""
+
+    data_dir: str | None = None
+    out_dir: str = "outputs"
+    weights: str | None = None
+    pretrained: bool = True
+    device: str = "auto"
+    seed: int = 42
+    train_size: int | None = None
+    val_size: int | None = None
+    test_size: int | None = None
+    quick: bool = False
+
+
+def _common_arguments(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("data and output")
+    data.add_argument("--data-dir", help="CIFAR-10 location: a folder with cifar-10-batches-py/, an image folder "
+                      "(train/<class>/*.png|jpg, test/<class>/...), or a folder to download into. "
+                      "Default: $CIFAR10_DIR, else ./data")
+    data.add_argument("--out-dir", help="where results go (default: outputs)")
+    data.add_argument("--train-size", type=int, help="train on a stratified subset of the 40,000-image train split")
+    data.add_argument("--val-size", type=int, help="validate on a stratified subset of the 10,000 (smoke runs)")
+    data.add_argument("--test-size", type=int, help="test on a stratified subset of the 10,000 (smoke runs; "
+                      "not comparable)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", help="any timm model name")
+    model.add_argument("--weights", help="local pretrained weights (a timm state dict) instead of downloading")
+    model.add_argument("--no-pretrained", dest="pretrained", action="store_const", const=False,
+                       help="random initialization instead of ImageNet weights")
+    train = parser.add_argument_group("training")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--lr", type=float, help="learning rate")
+    train.add_argument("--img-size", type=int, help="the model's input size; images are resized on the device")
+    train.add_argument("--seed", type=int, help="seed for initialization and shuffling (the split is fixed)")
+    train.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    train.add_argument("--quick", action="store_const", const=True,
+                       help=f"smoke profile for a CPU: {QUICK_PROFILE}; explicit flags win")
+
+
+def _field_type(cls, f: dataclasses.Field):
+    kind = typing.get_type_hints(cls)[f.name]
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    return args[0] if args else kind
+
+
+def build_parser(hyperparameters, prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common_arguments(parser)
+    level = parser.add_argument_group("this level's hyperparameters")
+    for f in dataclasses.fields(hyperparameters):
+        if f.name in HYPERPARAMETER_FLAGS:
+            continue
+        default = getattr(hyperparameters, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        kind = _field_type(type(hyperparameters), f)
+        if kind is bool:
+            level.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"(default: {default})")
+        else:
+            level.add_argument(flag, type=kind, help=f"(default: {default})")
+    parser.set_defaults(**{k: None for k in vars(parser.parse_args([]))})
+    return parser
+
+
+def parse_args(argv: list[str] | None, hyperparameters, prog: str, description: str = "",
+               quick_overrides: dict | None = None):
+    """-> (RunSettings, hyperparameters): defaults, then the --quick profile, then the flags given explicitly."""
+    given = {k: v for k, v in vars(build_parser(hyperparameters, prog, description).parse_args(argv)).items()
+             if v is not None}
+    values = {**dataclasses.asdict(RunSettings()), **dataclasses.asdict(hyperparameters)}
+    if given.get("quick"):
+        values.update(QUICK_PROFILE)
+        values.update(quick_overrides or {})
+    values.update(given)
+    settings = RunSettings(**{f.name: values[f.name] for f in dataclasses.fields(RunSettings)})
+    hp = dataclasses.replace(hyperparameters, **{f.name: values[f.name] for f in dataclasses.fields(hyperparameters)})
+    return settings, hp
