@@ -213,7 +213,7 @@ def _check_finite(loss_sum: torch.Tensor, where: str) -> None:
 
 def train_one_epoch(model: nn.Module, batches, optimizer, scheduler, loss_fn, device: torch.device,
                     precision: Precision, scaler: torch.amp.GradScaler | None = None,
-                    mix: Callable | None = None, display=NullDisplay(), sync_every: int = 25):
+                    mix: Callable | None = None, display=NullDisplay(), sync_every: int = 10):
     """One pass over `batches`; returns (mean loss, accuracy, images seen, seconds).
 
     Loss and accuracy are summed on the device and read back only every `sync_every` steps, because each
