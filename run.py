@@ -1,4 +1,4 @@
-"""The runner: `python run.py level N`, `python run.py all`, `python run.py summary`.
+"""The runner: `python run.py level N`, `python run.py all`, `python run.py summary`, `python run.py bench`.
 
 Each level is a plain script in levels/; the runner imports it and calls its main() with the flags you give,
 so `python run.py level 1 --quick` and `python levels/level1_baseline.py --quick` do exactly the same thing.
@@ -25,7 +25,7 @@ LEVEL_FILES = {
 PASS_THROUGH = dict(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
                     add_help_option=False)
 
-app = typer.Typer(help="CIFAR-10 in four levels: run a level, all of them, or rebuild the summary.",
+app = typer.Typer(help="CIFAR-10 in four levels: run a level, all of them, rebuild the summary, or benchmark.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 
@@ -70,6 +70,33 @@ def summary(out_dir: Path = typer.Option(Path("outputs"), help="the folder the l
 
     path = write_summary(out_dir)
     console.print(f"Wrote {path}")
+
+
+@app.command()
+def bench(
+    quick: bool = typer.Option(False, "--quick", help="smoke profile for a CPU: 64 px, 1 step x 9 turns, Level 1's "
+                               "comparison on 800 / 200 / 200 images"),
+    data_dir: str | None = typer.Option(None, help="CIFAR-10 location, as for the levels (default: $CIFAR10_DIR, "
+                                        "else ./data)"),
+    out_dir: Path = typer.Option(Path("outputs"), help="where bench.json and bench.md go"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    compile: bool = typer.Option(False, "--compile", help="also measure every recipe with torch.compile"),
+    level: list[int] | None = typer.Option(None, help="only this level (repeat the flag for several)"),
+    model: str | None = typer.Option(None, help="one timm model for every recipe instead of each level's own"),
+    img_size: int | None = typer.Option(None, help="image size for every recipe (default: each level's; 64 "
+                                        "with --quick)"),
+    batch_size: int | None = typer.Option(None, help="batch size for every recipe (default: each level's)"),
+    steps: int | None = typer.Option(None, help="training steps per timed turn"),
+    repeats: int | None = typer.Option(None, help="timed turns (real and staged, alternating); medians kept"),
+    level1_comparison: bool = typer.Option(True, help="run Level 1 end to end, cached features against the "
+                                           "backbone every epoch"),
+) -> None:
+    """Measure each level's training speed against the device's limit: writes OUT/bench.json and OUT/bench.md."""
+    from common.bench import run_bench
+
+    raise typer.Exit(run_bench(quick=quick, data_dir=data_dir, out_dir=str(out_dir), device=device, compile=compile,
+                               levels=level, model=model, img_size=img_size, batch_size=batch_size, steps=steps,
+                               repeats=repeats, level1_comparison=level1_comparison))
 
 
 if __name__ == "__main__":

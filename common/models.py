@@ -45,3 +45,42 @@ def normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...
     """The mean and std the model was pretrained with (ImageNet's for most timm models)."""
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+
+
+# What is not the feature extractor: the pooled head, which forward_head runs (and a head has no "last stage").
+_HEAD_NAMES = {"global_pool", "head_drop", "flatten", "fc", "classifier", "head"}
+
+
+def last_stage(model: nn.Module) -> list[nn.Module]:
+    """The modules that "fine-tune the last stage" trains, besides the head: the deepest stage of the backbone
+    and whatever runs between it and the pooled head.
+
+    ResNet: [layer4]. EfficientNet (lite0, b0): [blocks[6], conv_head, bn2], the last block stage and the 1x1
+    convolution (with its BatchNorm) that widens it to the 1,280 features the head sees. Found through timm's
+    feature_info (its last entry names the last stage), so it works for any timm CNN.
+    """
+    info = getattr(model, "feature_info", None)
+    if not info:
+        raise SetupError(f"{type(model).__name__} does not list its stages (no timm feature_info), so its last "
+                         f"stage cannot be found; use a timm CNN such as resnet50 or efficientnet_lite0.")
+    name = info[-1]["module"]  # e.g. "layer4" or "blocks.6"
+    stage = [model.get_submodule(name)]
+    children = [n for n, _ in model.named_children()]
+    for child in children[children.index(name.split(".")[0]) + 1:]:  # what runs after it, up to the head
+        module = getattr(model, child)
+        if child not in _HEAD_NAMES and list(module.parameters()):
+            stage.append(module)
+    return stage
+
+
+def train_only(model: nn.Module, modules: list[nn.Module]) -> None:
+    """Freeze every parameter of `model`, then make the parameters of `modules` trainable again.
+
+    The frozen layers' BatchNorm statistics stay frozen too: common.training.set_train_mode keeps a BatchNorm
+    without trainable parameters in eval mode.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in modules:
+        for p in module.parameters():
+            p.requires_grad_(True)

@@ -28,3 +28,93 @@ def plot_training_curves(history: list[dict], path: Path, title: str) -> Path:
         ax.xaxis.get_major_locator().set_params(integer=True)
     fig.suptitle(title)
     return save_figure(fig, path)
+
+
+def plot_confusion_matrix(matrix, class_names, path: Path, title: str) -> Path:
+    """A row-normalised confusion matrix: row = true class, column = predicted class, each cell the share of
+    that true class predicted as that column (the diagonal is per-class recall)."""
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted class", ylabel="true class", title=title)
+    ax.set_xticklabels(class_names, rotation=45, ha="right")
+    ax.set_yticklabels(class_names)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{matrix[i][j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if matrix[i][j] > 0.5 else "black")
+    return save_figure(fig, path)
+
+
+def plot_ablation(labels: list[str], accuracies: list[float], errors: list[float], path: Path, title: str,
+                  highlight: int | None = None) -> Path:
+    """Validation accuracy per configuration (fractions), with ±1 standard error bars; `highlight` marks one bar."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colors = ["tab:orange" if i == highlight else "tab:blue" for i in range(len(labels))]
+    bars = ax.bar(range(len(labels)), [100 * a for a in accuracies], yerr=[100 * e for e in errors], capsize=4,
+                  color=colors)
+    low = max(0.0, 100 * min(accuracies) - 15)
+    ax.set(xticks=range(len(labels)), ylabel="validation accuracy (%)", title=title,
+           ylim=(low, min(100, 100 * max(accuracies) + 8)))
+    for bar, acc in zip(bars, accuracies):  # the value halfway up the visible bar, clear of the error bar
+        ax.text(bar.get_x() + bar.get_width() / 2, (low + 100 * acc) / 2, f"{100 * acc:.1f}%", ha="center",
+                va="center", color="white", fontweight="bold")
+    if highlight is not None:
+        bars[highlight].set_label("chosen")
+        ax.legend(loc="upper left")
+    ax.set_xticklabels(labels)
+    ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, path)
+
+
+def plot_accuracy_comparison(bars: list[dict], path: Path, title: str) -> Path:
+    """Horizontal bars, one pair per model or ensemble: test accuracy without and with test-time augmentation.
+
+    bars: [{"label": name, "plain": accuracy, "tta": accuracy or None}], accuracies as fractions. The axis
+    starts a few points below the lowest bar, so that differences of a point stay visible; it is labelled.
+    """
+    import numpy as np
+
+    labels = [b["label"] for b in bars]
+    plain = np.array([100 * b["plain"] for b in bars])
+    tta = np.array([np.nan if b.get("tta") is None else 100 * b["tta"] for b in bars])
+    y = np.arange(len(bars))
+    height = 0.38 if not np.isnan(tta).all() else 0.7
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(bars) + 1.2))
+    ax.barh(y - (height / 2 if height < 0.7 else 0), plain, height, label="no TTA")
+    if not np.isnan(tta).all():
+        ax.barh(y + height / 2, tta, height, label="with TTA")
+    for values, offset in ((plain, -height / 2 if height < 0.7 else 0), (tta, height / 2)):
+        for yi, v in zip(y, values):
+            if not np.isnan(v):
+                ax.text(v, yi + offset, f" {v:.2f}%", va="center", fontsize=8)
+    low = np.nanmin(np.concatenate([plain, tta]))
+    ax.set_xlim(max(0.0, low - 5), min(100.0, np.nanmax(np.concatenate([plain, tta])) + 4))
+    ax.set_yticks(y, labels)
+    ax.invert_yaxis()
+    ax.set(xlabel="test accuracy (%)", title=title)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1 - 0.3 / len(bars)), ncol=2, frameon=False)
+    return save_figure(fig, path)
+
+
+def plot_reliability(curves: dict[str, dict], path: Path, title: str) -> Path:
+    """A reliability diagram: accuracy against mean confidence per confidence bin, one line per model, and the
+    diagonal of perfect calibration. curves: name -> {"confidence", "accuracy", "count"} per bin (empty bins
+    are NaN and left out); the lower panel shows how many images fall in each bin."""
+    import numpy as np
+
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(6, 7), height_ratios=[3, 1], sharex=True)
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfectly calibrated")
+    for name, c in curves.items():
+        conf, acc, count = (np.array(c[k], dtype=float) for k in ("confidence", "accuracy", "count"))
+        filled = count > 0
+        ax.plot(conf[filled], acc[filled], "o-", label=name)
+        hist.stairs(count, np.linspace(0, 1, len(count) + 1), label=name)
+    ax.set(ylabel="accuracy", title=title, xlim=(0, 1), ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    hist.set(xlabel="confidence (top-class probability)", ylabel="images")
+    hist.grid(alpha=0.3)
+    return save_figure(fig, path)

@@ -11,9 +11,12 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from common.distributed import is_main_process
 from common.training import EpochStats
 
-console = Console(soft_wrap=True)  # long lines stay whole in logs; a terminal wraps them itself
+# Long lines stay whole in logs; a terminal wraps them itself. Under torchrun only rank 0 prints: the other
+# processes compute the same metrics, and N copies of every line would only garble the terminal.
+console = Console(soft_wrap=True, quiet=not is_main_process())
 
 
 def _format_row(s: EpochStats) -> list[str]:
@@ -28,7 +31,7 @@ class TrainingDisplay:
 
     def __init__(self, title: str, epochs: int, live: bool | None = None):
         self.title, self.epochs = title, epochs
-        self.live_mode = console.is_terminal if live is None else live
+        self.live_mode = (console.is_terminal and not console.quiet) if live is None else live
         self.rows: list[EpochStats] = []
         self.started = time.perf_counter()
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

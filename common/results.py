@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from common.data import DataError
+from common.distributed import is_main_process, world_size
 from common.progress import console
 from common.training import SetupError, TrainingDiverged
 
@@ -37,15 +38,16 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 
 def save_figure(fig, path: Path) -> Path:
-    """Save a matplotlib figure as PNG atomically."""
+    """Save a matplotlib figure as PNG atomically (under torchrun, rank 0 saves it; the others only close it)."""
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    fig.savefig(partial, format="png", dpi=110, bbox_inches="tight")
+    if is_main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        fig.savefig(partial, format="png", dpi=110, bbox_inches="tight")
+        os.replace(partial, path)
     plt.close(fig)
-    os.replace(partial, path)
     return path
 
 
@@ -58,7 +60,7 @@ def environment(device, precision) -> dict:
 
     return dict(device=device_name(device), device_type=device.type, precision=precision.name,
                 torch=torch.__version__, torchvision=torchvision.__version__, timm=timm.__version__,
-                cuda=torch.version.cuda if device.type == "cuda" else None,
+                cuda=torch.version.cuda if device.type == "cuda" else None, processes=world_size(),
                 python=platform.python_version(), platform=platform.platform())
 
 
@@ -91,6 +93,8 @@ class LevelRun:
 
         self.metrics["status"] = status
         self.metrics["total_seconds"] = time.perf_counter() - self.started
+        if not is_main_process():  # under torchrun every process holds the same metrics; rank 0 writes them
+            return
         write_json_atomic(self.path("metrics.json"), self.metrics)
         write_summary(self.out_dir)
 

@@ -93,6 +93,201 @@ CHECKLISTS: dict[int, list[tuple[str, Judge | None]]] = {
 }
 
 
+# -- Levels 2 and 3
+
+
+def _section(m: dict, heading: str) -> str:
+    """The markdown of the level's section whose heading starts with `heading` ("" when there is none)."""
+    return next((s.get("markdown", "") for s in m.get("sections", []) if s.get("heading", "").startswith(heading)), "")
+
+
+def _augmentation_judge(m: dict, _: Path) -> Verdict:
+    steps = m.get("augmentation")
+    if steps is None:
+        return Verdict(FAIL, "no augmentation recorded")
+    if not steps:
+        return Verdict(FAIL, f"the main run ({m.get('configuration', {}).get('name', '—')}) trained without "
+                             f"augmentation; see the ablation's choice")
+    return Verdict(PASS, "per image, on the device, at 32×32: " + "; ".join(steps))
+
+
+def _partial_fine_tuning_judge(m: dict, _: Path) -> Verdict:
+    trainable, head, stage, total = (m.get(k) for k in ("trainable_parameters", "head_parameters",
+                                                         "last_stage_parameters", "total_parameters"))
+    if None in (trainable, head, stage, total):
+        return Verdict(FAIL, "parameter counts not recorded")
+    if trainable == head:
+        return Verdict(FAIL, f"the main run ({m.get('configuration', {}).get('name', '—')}) trained the head alone: "
+                             f"{head:,} of {total:,} parameters")
+    ok = trainable == head + stage < total
+    return Verdict(PASS if ok else FAIL, f"{trainable:,} of {total:,} parameters trained (last stage {stage:,}, "
+                                         f"head {head:,}); the rest frozen, BatchNorm statistics included")
+
+
+def _ablation_judge(m: dict, level_dir: Path) -> Verdict:
+    study = m.get("ablation") or {}
+    measured = {(a.get("augment"), a.get("fine_tune")) for a in study.get("arms", [])
+                if a.get("val_accuracy") is not None}
+    figure = figure_judge("ablation")(m, level_dir)
+    table = "| configuration |" in _section(m, "Ablation")
+    ok = len(measured) == 4 and table and figure.verdict == PASS
+    return Verdict(PASS if ok else FAIL, f"{len(measured)} of 4 arms measured on validation, "
+                                         f"{study.get('epochs_per_arm', '—')} epoch(s) each; table "
+                                         f"{'in this summary' if table else 'missing'}; {figure.evidence}")
+
+
+def _improvement_analysis_judge(m: dict, _: Path) -> Verdict:
+    text = m.get("improvement_analysis") or ""
+    present = bool(text) and text in _section(m, "Improvement analysis")
+    level1 = m.get("level1_comparison")
+    against = (f"compares with Level 1 ({level1['points']:+.2f} points)" if level1
+               else "Level 1 not run in this output folder, said so")
+    return Verdict(PASS if present else FAIL, f"{len(text.split())} words, written from the measured accuracies; "
+                                              f"{against}" if present else "no improvement analysis")
+
+
+def _se_block_judge(m: dict, _: Path) -> Verdict:
+    blocks, params = m.get("se_blocks"), m.get("se_parameters")
+    if not blocks:
+        return Verdict(FAIL, "no SE block counted in the trained model")
+    ok = bool(params) and m.get("se_trained") is True
+    return Verdict(PASS if ok else FAIL, f"{blocks} SqueezeExcitation block(s) counted in the trained model "
+                                         f"({params:,} parameters, {'trained' if ok else 'not trained'})")
+
+
+def _per_class_judge(m: dict, level_dir: Path) -> Verdict:
+    path = (m.get("files") or {}).get("per_class")
+    if not path or not (level_dir.parent / path).is_file():
+        return Verdict(FAIL, "no per-class table on disk")
+    rows = (level_dir.parent / path).read_text().splitlines()[1:]
+    named = {row.split(",")[0] for row in rows}
+    from common.data import CLASSES
+
+    ok = set(CLASSES) <= named
+    return Verdict(PASS if ok else FAIL, f"`{path}`: precision, recall and F1 for {len(named & set(CLASSES))} of "
+                                         f"10 classes")
+
+
+def _findings_judge(m: dict, _: Path) -> Verdict:
+    findings, text = m.get("findings") or {}, _section(m, "Findings")
+    pairs = findings.get("confused_pairs") or []
+    ok = bool(text) and bool(pairs) and bool(findings.get("best_classes")) and bool(findings.get("worst_classes"))
+    if not ok:
+        return Verdict(FAIL, "no findings section")
+    top = pairs[0]
+    return Verdict(PASS, f"written from the numbers: best {findings['best_classes'][0]['class']}, worst "
+                         f"{findings['worst_classes'][0]['class']}, most confused {top['pair'][0]}↔{top['pair'][1]}")
+
+
+CHECKLISTS[2] = [
+    ("Test accuracy ≥ 90%", accuracy_judge(2)),
+    ("Augmentation pipeline in use (flip, 4-pixel crop, colour jitter; per image)", _augmentation_judge),
+    ("Partial fine-tuning: last stage (layer4) + head trained, the rest frozen", _partial_fine_tuning_judge),
+    ("Ablation table: augmentation × fine-tuning, on validation", _ablation_judge),
+    ("Improvement analysis present", _improvement_analysis_judge),
+    ("Training curves (loss and accuracy) plotted", figure_judge("curves")),
+    ("Test set used once, after choosing on validation", _test_once_judge),
+    ("The improvement analysis's conclusions hold up", None),
+]
+CHECKLISTS[3] = [
+    ("Test accuracy ≥ 91%", accuracy_judge(3)),
+    ("Custom architecture: SE block present in the trained model", _se_block_judge),
+    ("Per-class precision, recall and F1 table on disk", _per_class_judge),
+    ("Normalised confusion matrix with class names on disk", figure_judge("confusion_matrix")),
+    ("Findings section present (best and worst classes, confused pairs, change against Level 2)", _findings_judge),
+    ("Training curves (loss and accuracy) plotted", figure_judge("curves")),
+    ("Test set used once, after choosing the epoch on validation", _test_once_judge),
+    ("The findings' interpretation is sound", None),
+]
+
+
+# -- Level 4
+
+
+def _members_trained_judge(m: dict, level_dir: Path) -> Verdict:
+    members = m.get("members") or {}
+    done = [name for name, r in members.items() if r.get("status") == "trained" and r.get("best_epoch")
+            and (level_dir.parent / r.get("checkpoint", "")).is_file()]
+    ok = len(done) >= 3
+    detail = ", ".join(f"{n} ({len(members[n].get('history', []))} epoch(s){', resumed' if members[n].get('resumed') else ''})"
+                       for n in done)
+    return Verdict(PASS if ok else FAIL, f"{len(done)} model(s) trained, checkpoint on disk: {detail or 'none'}")
+
+
+def _ensemble_judge(m: dict, _: Path) -> Verdict:
+    rows = {r.get("name"): r for r in m.get("comparison") or []}
+    found = [n for n in ("soft vote", "weighted vote") if (rows.get(n) or {}).get("test_accuracy") is not None]
+    weights = (m.get("ensemble_weights") or {}).get("weighted vote")
+    ok = len(found) == 2 and bool(weights) and m.get("weights_fitted_on") == "validation"
+    if not ok:
+        return Verdict(FAIL, f"ensembles evaluated: {', '.join(found) or 'none'}")
+    return Verdict(PASS, f"soft vote {pct(rows['soft vote']['test_accuracy'])}, weighted vote "
+                         f"{pct(rows['weighted vote']['test_accuracy'])} on test; weights fitted on validation ("
+                         + ", ".join(f"{k} {w:.2f}" for k, w in weights.items()) + f"); chosen: {m.get('chosen')}")
+
+
+def _comparison_judge(m: dict, _: Path) -> Verdict:
+    members = list(m.get("members") or {})
+    rows = {r.get("name"): r for r in m.get("comparison") or []}
+    expected = [f"{n}{s}" for s in ("", " + TTA") for n in (*members, "soft vote", "weighted vote")]
+    columns = ("val_accuracy", "test_accuracy", "test_log_loss", "test_ece", "parameters", "train_seconds",
+               "images_per_second")
+    complete = [n for n in expected if n in rows and all(rows[n].get(c) is not None for c in columns)]
+    pairs = len(m.get("disagreement") or {})
+    table = "| model | TTA |" in _section(m, "Members and ensembles compared")
+    per_class = len(m.get("per_class") or [])
+    ok = members and len(complete) == len(expected) and table and pairs == len(members) * (len(members) - 1) // 2 \
+        and per_class == 10
+    return Verdict(PASS if ok else FAIL, f"{len(complete)} of {len(expected)} rows (every member and ensemble, "
+                                         f"without and with TTA) with accuracy, log-loss, ECE, parameters, time and "
+                                         f"img/s; table {'in this summary' if table else 'missing'}; {pairs} "
+                                         f"disagreement pair(s); per-class gains for {per_class} classes")
+
+
+def _report_judge(m: dict, level_dir: Path) -> Verdict:
+    path = m.get("report")
+    if not path or not (level_dir.parent / path).is_file():
+        return Verdict(FAIL, "no report on disk")
+    text = (level_dir.parent / path).read_text()
+    sections = ("Motivation", "Methods", "Setup", "Results", "Analysis", "Limitations", "How to reproduce")
+    missing = [s for s in sections if f"\n## {s}\n" not in text]
+    number = pct(m.get("test_accuracy"))
+    ok = not missing and number in text
+    return Verdict(PASS if ok else FAIL, f"`{path}`: " + (f"missing {', '.join(missing)}" if missing else
+                                                          f"all {len(sections)} sections")
+                   + (f"; quotes this run's test accuracy ({number})" if number in text else
+                      "; does not quote this run's test accuracy"))
+
+
+def _figures_judge(m: dict, level_dir: Path) -> Verdict:
+    verdicts = [figure_judge(k)(m, level_dir) for k in ("accuracy", "reliability")]
+    return Verdict(PASS if all(v.verdict == PASS for v in verdicts) else FAIL, "; ".join(v.evidence for v in verdicts))
+
+
+def _regularization_judge(m: dict, _: Path) -> Verdict:
+    cfg = m.get("config", {})
+    used = {"MixUp": cfg.get("mixup"), "CutMix": cfg.get("cutmix"),
+            f"label smoothing {cfg.get('label_smoothing')}": (cfg.get("label_smoothing") or 0) > 0,
+            f"stochastic depth {cfg.get('drop_path')}": (cfg.get("drop_path") or 0) > 0,
+            "AutoAugment (CIFAR-10 policy)": cfg.get("autoaugment")}
+    off = [k for k, on in used.items() if not on]
+    return Verdict(FAIL if off else PASS, ("off: " + ", ".join(off)) if off else "on: " + ", ".join(used))
+
+
+CHECKLISTS[4] = [
+    ("Test accuracy ≥ 93%", accuracy_judge(4)),
+    ("At least three models trained", _members_trained_judge),
+    ("Ensemble implemented and evaluated (soft and weighted voting, weights fitted on validation)", _ensemble_judge),
+    ("Comparative table: every member and ensemble, with and without TTA", _comparison_judge),
+    ("Report present with its sections (motivation, methods, setup, results, analysis, limitations, "
+     "reproduction)", _report_judge),
+    ("Accuracy comparison chart and reliability diagram", _figures_judge),
+    ("Modern regularization on (MixUp, CutMix, label smoothing, stochastic depth, AutoAugment)",
+     _regularization_judge),
+    ("The report's analysis is sound and its conclusions follow from the numbers", None),
+]
+
+
 def judge_level(level: int, metrics: dict | None, level_dir: Path) -> list[tuple[str, Verdict]]:
     items = CHECKLISTS.get(level, [(f"Test accuracy ≥ {ACCURACY_BARS[level]:.0%}", accuracy_judge(level))])
     verdicts = []
@@ -146,6 +341,8 @@ def render_summary(out_dir: Path) -> str:
         lines.append(f"| {level} | {m.get('approach', name)} | {m.get('status')} | {pct(m.get('test_accuracy'))} | "
                      f"{pct(m.get('val_accuracy'))} | {_minutes(m.get('train_seconds'))} | "
                      f"{env.get('device', '—')} | {kind} |")
+    if (out_dir / "bench.md").is_file():  # written by `python run.py bench`
+        lines += ["", "Speed: [the benchmark](bench.md) (training throughput against the device's limit, per level)."]
 
     for level, name in LEVELS.items():
         m = runs.get(level)

@@ -10,14 +10,18 @@ handful of batched kernels. The naive pipeline (PIL resizes every image to 224x2
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from common import distributed
 
 # ----------------------------------------------------------------------------------------------------------
 # Device and precision
@@ -32,14 +36,18 @@ class TrainingDiverged(Exception):
 
 
 def select_device(choice: str = "auto") -> torch.device:
+    """The device to run on. Under torchrun this also joins the process group: each process gets its own GPU."""
     if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
     if choice == "cuda" and not torch.cuda.is_available():
         raise SetupError("--device cuda was asked for, but PyTorch sees no CUDA GPU here. "
                          "Use --device auto or --device cpu.")
     if choice not in ("cpu", "cuda"):
         raise SetupError(f"--device must be auto, cpu or cuda, not '{choice}'.")
-    return torch.device(choice)
+    if choice == "cuda" and distributed.local_rank() >= torch.cuda.device_count():
+        raise SetupError(f"torchrun started more processes on this machine than it has GPUs "
+                         f"({torch.cuda.device_count()}): use --nproc_per_node={torch.cuda.device_count()}.")
+    return distributed.init(torch.device(choice))
 
 
 @dataclass(frozen=True)
@@ -86,13 +94,20 @@ def device_name(device: torch.device) -> str:
 # Batches on the device
 
 
+@functools.lru_cache(maxsize=8)
+def _normalization_constants(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Made once per device: building a CUDA tensor from Python numbers copies from pageable host memory,
+    # which waits for the GPU to catch up; doing that every batch would stall the pipeline.
+    as_tensor = lambda v: torch.tensor(v, device=device).view(1, 3, 1, 1) * 255  # noqa: E731
+    return as_tensor(mean), as_tensor(std)
+
+
 def model_input(images: torch.Tensor, img_size: int, mean, std) -> torch.Tensor:
     """uint8 N x 3 x 32 x 32 on the device -> normalized float at img_size, channels_last.
 
     Normalizing before resizing gives the same result (both are linear) on 50x fewer pixels at 224.
     """
-    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1) * 255
+    mean, std = _normalization_constants(tuple(mean), tuple(std), images.device)
     x = (images.float() - mean) / std
     if x.shape[-1] != img_size or x.shape[-2] != img_size:
         x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
@@ -103,26 +118,53 @@ class TensorBatches:
     """Batches of (inputs, labels) from tensors already on the device; a fresh shuffle every epoch.
 
     `transform` turns a batch of stored inputs into model inputs (augment + model_input for images; nothing
-    for cached features). With rank/world_size each process of a multi-GPU run takes its own shard.
+    for cached features). With rank/world_size each process of a multi-GPU run takes its own shard: items
+    rank, rank + world_size, ... of each epoch's order (see shard(); fit() and evaluate() call it).
     """
 
     def __init__(self, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = False,
                  seed: int = 0, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 drop_last: bool = False, rank: int = 0, world_size: int = 1):
+                 drop_last: bool = False, rank: int = 0, world_size: int = 1, even_shards: bool = False):
         self.inputs, self.labels = inputs, labels
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.transform = transform
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.even_shards = rank, world_size, even_shards
         self.generator = torch.Generator().manual_seed(seed)
+
+    def _ordered_count(self) -> int:
+        n = len(self.labels)
+        return n - n % self.world_size if self.even_shards else n
 
     def _indices(self) -> torch.Tensor:
         n = len(self.labels)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        return order[self.rank::self.world_size]
+        return order[:self._ordered_count()][self.rank::self.world_size]
 
     def __len__(self) -> int:
-        n = len(range(self.rank, len(self.labels), self.world_size))
+        n = len(range(self.rank, self._ordered_count(), self.world_size))
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def shard(self, rank: int, world_size: int, training: bool) -> "TensorBatches":
+        """This process's share of these batches in a run of `world_size` processes.
+
+        Training: every global batch of batch_size images is split between the processes, batch_size /
+        world_size each (item j of process r's step k is item r + j * world_size of the one-process step k),
+        so N processes take the same steps on the same batches as one process. All get the same number of
+        steps, which DDP needs: when the images do not divide evenly, each epoch leaves out the last
+        (at most world_size - 1) of its shuffled order. Same seed, same shuffle on every process.
+        Evaluation: each process takes every world_size-th image, in batches of the same size as before;
+        distributed.gather_in_order() puts the results back in order.
+        """
+        share = copy.copy(self)
+        share.rank, share.world_size, share.even_shards = rank, world_size, training
+        share.generator = torch.Generator()
+        share.generator.set_state(self.generator.get_state())
+        if training:
+            if self.batch_size % world_size:
+                raise SetupError(f"--batch-size {self.batch_size} does not split evenly between {world_size} "
+                                 f"processes: use a multiple of {world_size}.")
+            share.batch_size = self.batch_size // world_size
+        return share
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self._indices().to(self.inputs.device)
@@ -130,6 +172,23 @@ class TensorBatches:
             idx = order[start:start + self.batch_size]
             x = self.inputs[idx]
             yield (self.transform(x) if self.transform else x), self.labels[idx]
+
+
+def process_share(batches, training: bool = False):
+    """Under torchrun, this process's share of `batches`; otherwise `batches` itself.
+
+    Any batches object with a shard(rank, world_size, training) method works, with TensorBatches.shard's
+    contract (training: the same number of steps in every process, batch_size / world_size images each;
+    evaluation: process r takes items r, r + N, ...). Training batches without one are used whole by every
+    process: still correct (DDP averages the processes' gradients), but no faster than one process.
+    """
+    if distributed.world_size() == 1 or getattr(batches, "world_size", 1) > 1:
+        return batches
+    if hasattr(batches, "shard"):
+        return batches.shard(distributed.rank(), distributed.world_size(), training)
+    if training:
+        warnings.warn(f"{type(batches).__name__} has no shard() method: every process trains on all of it.")
+    return batches
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -220,6 +279,7 @@ def train_one_epoch(model: nn.Module, batches, optimizer, scheduler, loss_fn, de
     read-back (.item()) makes the CPU wait for the GPU. A NaN stays NaN in the sum, so checking the sum at
     those points catches divergence without a sync per step. `mix` (e.g. timm's Mixup) turns
     (inputs, labels) into (mixed inputs, soft targets); accuracy is still counted against the true labels.
+    Under torchrun the returned loss, accuracy and image count are summed over all processes.
     """
     set_train_mode(model)
     loss_sum = torch.zeros((), device=device)
@@ -247,20 +307,28 @@ def train_one_epoch(model: nn.Module, batches, optimizer, scheduler, loss_fn, de
         seen += len(y)
         if step % sync_every == 0 or step == len(batches):
             _check_finite(loss_sum, f"step {step}")
-            display.advance(step, seen / (time.perf_counter() - start))
+            display.advance(step, seen * distributed.world_size() / (time.perf_counter() - start))
     seconds = time.perf_counter() - start
+    seen_total = torch.tensor(seen, device=device)
+    distributed.all_reduce_sum(loss_sum, correct, seen_total)
+    seen = int(seen_total.item())
     return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1), seen, seconds
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, device: torch.device, precision: Precision) -> Evaluation:
+    """Loss, accuracy and the logits of every image. Under torchrun the processes split the images and every
+    process gets all the logits back, in order: the same Evaluation everywhere."""
     model.eval()
+    share = process_share(batches)
     all_logits, all_labels = [], []
-    for x, y in batches:
+    for x, y in share:
         with autocast(device, precision):
             all_logits.append(model(x).float())
         all_labels.append(y)
     logits, labels = torch.cat(all_logits), torch.cat(all_labels)
+    if share is not batches:
+        logits, labels = (distributed.gather_in_order(t) for t in (logits, labels))
     loss = F.cross_entropy(logits, labels).item()
     accuracy = (logits.argmax(1) == labels).float().mean().item()
     return Evaluation(loss, accuracy, logits.cpu(), labels.cpu())
@@ -282,15 +350,21 @@ def fit(model: nn.Module, train_batches, val_batches, *, epochs: int, optimizer,
     At the end the model holds the weights of the epoch with the best *validation* accuracy; the test set
     plays no part in that choice. `history` (a list) receives one dict per epoch as it finishes, so a caller
     that is interrupted still has the epochs done so far.
+
+    Under torchrun (see common/distributed.py) the model trains wrapped in DistributedDataParallel and each
+    process takes its share of every batch of `train_batches`; the caller passes the same arguments as for
+    one process, and `model` itself holds the trained weights afterwards.
     """
     result = FitResult(history=history if history is not None else [])
     scaler = torch.amp.GradScaler(device.type) if precision.use_grad_scaler else None
+    trained = distributed.wrap(model, device)
+    train_batches = process_share(train_batches, training=True)
     best_state = None
     for epoch in range(1, epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
         display.begin_epoch(epoch, len(train_batches))
         train_loss, train_acc, seen, seconds = train_one_epoch(
-            model, train_batches, optimizer, scheduler, loss_fn, device, precision, scaler, mix, display)
+            trained, train_batches, optimizer, scheduler, loss_fn, device, precision, scaler, mix, display)
         val = evaluate(model, val_batches, device, precision)
         stats = EpochStats(epoch, train_loss, train_acc, val.loss, val.accuracy, lr, seen / seconds, seconds)
         result.history.append(stats.__dict__.copy())

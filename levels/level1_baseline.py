@@ -42,8 +42,9 @@ from common.progress import TrainingDisplay  # noqa: E402
 from common.results import LevelRun, environment  # noqa: E402
 from common.training import (  # noqa: E402
     TensorBatches, autocast, configure_backends, cosine_schedule, count_parameters, evaluate, fit, freeze,
-    make_optimizer, model_input, select_device, select_precision,
+    make_optimizer, model_input, process_share, select_device, select_precision,
 )
+from common.distributed import gather_in_order  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------
 #                                            Hyperparameters
@@ -137,9 +138,11 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
 
     # ------------------------------------------------------------------------------------------------------
     #                                 Evaluate: the test set, once
+    started = time.perf_counter()
     test = evaluate(trained, TensorBatches(*inputs["test"], hp.feature_batch_size, transform=transform),
                     device, precision)
-    m.update(test_accuracy=test.accuracy, test_loss=test.loss, test_evaluations=1)
+    m.update(test_accuracy=test.accuracy, test_loss=test.loss, test_evaluations=1,
+             test_seconds=time.perf_counter() - started)
 
     # ------------------------------------------------------------------------------------------------------
     #                                             Report
@@ -154,17 +157,18 @@ def extract_features(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     """The frozen backbone's pooled features (the head's input) for every image, in eval mode.
 
     Eval mode matters: BatchNorm uses its ImageNet running statistics, exactly as when training the head
-    on the live backbone with frozen BatchNorm.
+    on the live backbone with frozen BatchNorm. Under torchrun each process runs the backbone on its share of
+    the images, and every process gets all the features back, in order.
     """
     model.eval()
     features = []
-    batches = TensorBatches(images, labels, batch_size, transform=to_input)
+    batches = process_share(TensorBatches(images, labels, batch_size, transform=to_input))
     with display.task(f"features: {name}", len(batches)) as advance:
         for x, _ in batches:
             with autocast(device, precision):
                 features.append(model.forward_head(model.forward_features(x), pre_logits=True).float())
             advance()
-    return torch.cat(features)
+    return gather_in_order(torch.cat(features), len(labels))
 
 
 if __name__ == "__main__":

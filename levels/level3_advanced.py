@@ -1,0 +1,339 @@
+"""Level 3: a custom architecture with channel attention (Squeeze-and-Excitation), and a per-class analysis.
+
+What this level teaches
+    How to change a pretrained network's architecture, and how to read a classifier's results class by class.
+    A Squeeze-and-Excitation (SE) block (Hu et al., 2018) learns to reweight the channels of a feature map
+    from a summary of the whole image: *squeeze* each channel to one number (global average pooling),
+    *excite* through a small bottleneck (Linear C -> C/16, ReLU, Linear C/16 -> C, sigmoid) that outputs one
+    gate in [0, 1] per channel, then multiply every channel by its gate. We write it here, by hand: writing it
+    is the lesson. It goes on ResNet50's final feature map, between the backbone and the pooled head, as in the
+    seed; --se-in-layer4 also puts one inside each residual block of layer4 (as SE-ResNet does everywhere).
+
+What changed since Level 2
+    The network: backbone -> SE -> head, and the SE block trains with layer4 and the head (AdamW 3e-4, weight
+    decay 1e-4, cosine, 12 epochs, Level 2's per-image augmentation, imported from Level 2 with its training
+    function). The evaluation: precision, recall and F1 per class (scikit-learn), a normalised confusion
+    matrix, and findings written from the numbers: the best and worst classes, the most confused pairs, and
+    the change against Level 2, saying when a difference is within noise.
+
+Run
+    python levels/level3_advanced.py                 # ResNet50, ImageNet weights from the hub
+    python levels/level3_advanced.py --quick         # smoke profile for a CPU
+    python levels/level3_advanced.py --model efficientnet_lite0 --weights FILE --img-size 128   # offline
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `import common` when run as a script
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from common.cli import parse_args  # noqa: E402
+from common.data import CLASSES, load_splits  # noqa: E402
+from common.models import create_model, last_stage, train_only  # noqa: E402
+from common.plots import plot_confusion_matrix, plot_training_curves  # noqa: E402
+from common.results import LevelRun, environment, write_text_atomic  # noqa: E402
+from common.training import (  # noqa: E402
+    SetupError, configure_backends, count_parameters, evaluate, select_device, select_precision,
+)
+from levels.level2_intermediate import (  # noqa: E402  Level 2's training, augmentation and noise arithmetic
+    augmentation_steps, compare_with_level, describe, difference, evaluation_batches, standard_error, train,
+    zero_head,
+)
+
+# ----------------------------------------------------------------------------------------------------------
+#                                            Hyperparameters
+
+
+@dataclass
+class Hyperparameters:
+    model: str = "resnet50"  # ImageNet-pretrained; any timm CNN works
+    epochs: int = 12
+    batch_size: int = 64
+    lr: float = 3e-4
+    img_size: int = 224
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-4
+    reduction: int = 16  # the SE bottleneck: C -> C/16 -> C
+    se_in_layer4: bool = False  # also put an SE block inside each block of the last stage (ResNet50's layer4)
+    augment: bool = True  # Level 2's per-image flip, 4-pixel-padded crop and colour jitter
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+    hue: float = 0.1
+    eval_batch_size: int = 256
+
+
+TITLE = "Level 3: SE attention and per-class analysis"
+APPROACH = "Backbone + Squeeze-and-Excitation + head, last stage fine-tuned"
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings, hp = parse_args(argv, Hyperparameters(), prog="level3_advanced.py", description=__doc__)
+    run = LevelRun(3, TITLE, APPROACH, settings, hp)
+    return run.execute(lambda: train_and_evaluate(run, settings, hp))
+
+
+# ----------------------------------------------------------------------------------------------------------
+#                                     The Squeeze-and-Excitation block
+
+
+class SqueezeExcitation(nn.Module):
+    """Channel attention: each channel of an N x C x H x W feature map is scaled by a gate in [0, 1] that the
+    block computes from the whole image.
+
+    squeeze  global average pool: N x C x H x W -> N x C, one summary number per channel
+    excite   Linear(C -> C/r), ReLU, Linear(C/r -> C), sigmoid: N x C gates. The bottleneck (r = 16) keeps the
+             block small (2C²/r weights) and forces it to model how channels depend on one another
+    scale    x * gates, broadcast over H x W: the shape is unchanged, so the block fits anywhere in a CNN
+    """
+
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        hidden = max(1, channels // reduction)  # a narrow map (C < r) still gets a one-unit bottleneck
+        self.squeeze = nn.AdaptiveAvgPool2d(1)
+        self.excite = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True),
+                                    nn.Linear(hidden, channels), nn.Sigmoid())
+
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """The N x C gates, each in [0, 1]."""
+        return self.excite(self.squeeze(x).flatten(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gates(x)[:, :, None, None].to(x.dtype)
+
+
+class SEClassifier(nn.Module):
+    """A timm CNN with an SE block on its final feature map: forward_features -> SE -> forward_head (pool + head).
+
+    `backbone` is the timm model itself, so its pretrained weights, its head and its stages stay where timm put
+    them; `pretrained_cfg` is the backbone's, for common.models.normalization.
+    """
+
+    def __init__(self, backbone: nn.Module, reduction: int = 16):
+        super().__init__()
+        self.backbone = backbone
+        self.se = SqueezeExcitation(backbone.num_features, reduction)
+        self.pretrained_cfg = getattr(backbone, "pretrained_cfg", {})
+        self.num_features = backbone.num_features
+
+    def get_classifier(self) -> nn.Module:
+        return self.backbone.get_classifier()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_head(self.se(self.backbone.forward_features(x)))
+
+
+def _se_slot_channels(block: nn.Module) -> int | None:
+    """The channels a timm block feeds to its own `se` slot: a ResNet bottleneck's output (conv3; conv2 in a
+    basic block), an EfficientNet block's depthwise convolution (conv_dw; conv_exp in an edge block)."""
+    for name in ("conv3", "conv_dw", "conv_exp", "conv2"):
+        conv = getattr(block, name, None)
+        if isinstance(conv, nn.Conv2d):
+            return conv.out_channels
+    return None
+
+
+def add_se_to_last_stage(backbone: nn.Module, reduction: int = 16) -> int:
+    """Put an SE block in the empty `se` slot of every block of the last stage (ResNet: layer4's three
+    bottlenecks, where SE-ResNet puts it: on the residual branch, before the addition). Returns how many.
+
+    timm's blocks all have that slot (None or Identity when unused); a block that already has a pretrained
+    SE (efficientnet_b0) keeps its own.
+    """
+    added = 0
+    for block in last_stage(backbone)[0].children():
+        channels = _se_slot_channels(block)
+        if not hasattr(block, "se") or channels is None:
+            continue
+        if block.se is None or isinstance(block.se, nn.Identity):
+            block.se = SqueezeExcitation(channels, reduction)
+            added += 1
+    return added
+
+
+def build_se_model(model_name: str, pretrained: bool, weights: str | None, num_classes: int = 10,
+                   se_in_layer4: bool = False, reduction: int = 16, **timm_kwargs) -> SEClassifier:
+    """A timm model (common.models.create_model: --weights, --no-pretrained and offline errors as in every
+    level) with an SE block on its final feature map, and with --se-in-layer4 one in each last-stage block."""
+    backbone = create_model(model_name, num_classes=num_classes, pretrained=pretrained, weights=weights,
+                            **timm_kwargs)
+    if se_in_layer4 and add_se_to_last_stage(backbone, reduction) == 0:
+        raise SetupError(f"--se-in-layer4: found no block of {model_name}'s last stage with a free SE slot.")
+    # The final feature map must be a CNN's N x C x H x W for the SE block to pool it: one probe forward at the
+    # model's own input size, in eval mode so that no BatchNorm statistic moves.
+    probe = torch.zeros(1, *getattr(backbone, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))
+    backbone.eval()
+    with torch.no_grad():
+        is_cnn = backbone.forward_features(probe).ndim == 4
+    backbone.train()
+    if not is_cnn:
+        raise SetupError(f"--model {model_name} is not a CNN (its features are not N x C x H x W); the SE "
+                         f"block needs one, such as resnet50 or efficientnet_lite0.")
+    return SEClassifier(backbone, reduction)
+
+
+def count_se_blocks(model: nn.Module) -> int:
+    return sum(isinstance(m, SqueezeExcitation) for m in model.modules())
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
+    m = run.metrics
+
+    # ------------------------------------------------------------------------------------------------------
+    #                                              Setup
+    torch.manual_seed(settings.seed)
+    device = select_device(settings.device)
+    precision = select_precision(device)
+    configure_backends(device)
+    m["environment"] = environment(device, precision)
+
+    # ------------------------------------------------------------------------------------------------------
+    #                                              Data
+    splits = load_splits(settings.data_dir, settings.train_size, settings.val_size, settings.test_size)
+    m.update(train_size=len(splits.train), val_size=len(splits.val), test_size=len(splits.test),
+             data_source=splits.source)
+    images = {name: (s.images.to(device), s.labels.to(device))
+              for name, s in (("train", splits.train), ("val", splits.val), ("test", splits.test))}
+
+    # ------------------------------------------------------------------------------------------------------
+    #                                             Network
+    model = build_se_model(hp.model, settings.pretrained, settings.weights, se_in_layer4=hp.se_in_layer4,
+                           reduction=hp.reduction)
+    # Trains: the last stage (with its SE blocks, if any), the SE block on the final feature map, the new head.
+    # The rest is frozen, BatchNorm statistics included, as in Level 2.
+    train_only(model, [*last_stage(model.backbone), model.se, zero_head(model)])
+    model = model.to(device, memory_format=torch.channels_last)
+    se_blocks = [b for b in model.modules() if isinstance(b, SqueezeExcitation)]
+    se_before = [p.detach().clone() for b in se_blocks for p in b.parameters()]
+    m.update(total_parameters=count_parameters(model),
+             trainable_parameters=count_parameters(model, trainable_only=True),
+             head_parameters=count_parameters(model.get_classifier()),
+             last_stage_parameters=sum(count_parameters(s) for s in last_stage(model.backbone)),
+             se_blocks=len(se_blocks), se_parameters=sum(count_parameters(b) for b in se_blocks),
+             augmentation=augmentation_steps(hp) if hp.augment else [])
+
+    # ------------------------------------------------------------------------------------------------------
+    #                                              Train
+    result = train(model, images, hp, epochs=hp.epochs, augmented=hp.augment, seed=settings.seed, device=device,
+                   precision=precision, title=f"{TITLE} — {hp.model} + SE at {hp.img_size}px on "
+                                              f"{m['environment']['device']}", history=m["history"])
+    se_after = [p.detach() for b in se_blocks for p in b.parameters()]
+    m.update(best_epoch=result.best_epoch, val_accuracy=result.best_val_accuracy, train_seconds=result.train_seconds,
+             se_trained=all(not torch.equal(a.cpu(), b.cpu()) for a, b in zip(se_before, se_after)))
+
+    # ------------------------------------------------------------------------------------------------------
+    #                                 Evaluate: the test set, once
+    test = evaluate(model, evaluation_batches(images, "test", model, hp), device, precision)
+    m.update(test_accuracy=test.accuracy, test_loss=test.loss, test_evaluations=1)
+
+    # ------------------------------------------------------------------------------------------------------
+    #                                 Report: class by class
+    from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
+
+    truth, predicted = test.labels.numpy(), test.logits.argmax(1).numpy()
+    classes = list(range(len(CLASSES)))
+    precision_, recall, f1, support = precision_recall_fscore_support(truth, predicted, labels=classes,
+                                                                      zero_division=0)
+    m["per_class"] = [dict(**{"class": name}, precision=float(p), recall=float(r), f1=float(f), support=int(n))
+                      for name, p, r, f, n in zip(CLASSES, precision_, recall, f1, support)]
+    counts = confusion_matrix(truth, predicted, labels=classes)
+    m["confusion_matrix"] = counts.tolist()  # rows: true class, columns: predicted class, in CLASSES order
+    report = classification_report(truth, predicted, labels=classes, target_names=CLASSES, digits=3, zero_division=0)
+
+    write_text_atomic(run.path("per_class.csv"), "class,precision,recall,f1,support\n" + "".join(
+        f"{c['class']},{c['precision']:.4f},{c['recall']:.4f},{c['f1']:.4f},{c['support']}\n" for c in m["per_class"]))
+    write_text_atomic(run.path("classification_report.txt"), report)
+    m["files"] = {key: run.path(f"{key}.{ext}").relative_to(run.out_dir).as_posix()
+                  for key, ext in (("per_class", "csv"), ("classification_report", "txt"))}
+    run.add_figure("curves", plot_training_curves(m["history"], run.path("curves.png"),
+                                                  f"{TITLE} ({hp.model} + SE, {m['train_size']:,} images)"))
+    run.add_figure("confusion_matrix", plot_confusion_matrix(
+        row_normalised(counts), CLASSES, run.path("confusion_matrix.png"),
+        f"Confusion matrix, {m['test_size']:,} test images ({hp.model} + SE)"))
+
+    level2_text, level2 = compare_with_level(2, m, run.out_dir)
+    m["findings"] = findings(m["per_class"], counts, m["test_size"])
+    m["findings"]["level2_comparison"] = level2
+    m["sections"] = [
+        dict(heading="Per-class results (test set)", markdown=per_class_table(m["per_class"])),
+        dict(heading="Findings", markdown=findings_text(m, level2_text)),
+        dict(heading="Classification report (scikit-learn)", markdown=f"```text\n{report.rstrip()}\n```"),
+    ]
+
+
+def row_normalised(counts: np.ndarray) -> np.ndarray:
+    """Each row (a true class) divided by its number of images: the share predicted as each class."""
+    return counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+
+
+def findings(per_class: list[dict], counts: np.ndarray, test_size: int) -> dict:
+    """The best and worst classes (by F1) and the most confused pairs, from the test set's numbers.
+
+    A pair's confusion counts both directions: the mean of "A predicted as B" and "B predicted as A", each a
+    share of its true class (cat <-> dog is the classic CIFAR-10 pair).
+    """
+    ranked = sorted(per_class, key=lambda c: c["f1"], reverse=True)
+    rates = row_normalised(counts)
+    pairs = sorted(((i, j) for i in range(len(CLASSES)) for j in range(i + 1, len(CLASSES))),
+                   key=lambda ij: rates[ij] + rates[ij[::-1]], reverse=True)
+    return dict(
+        best_classes=ranked[:2], worst_classes=ranked[::-1][:2],
+        confused_pairs=[dict(pair=[CLASSES[i], CLASSES[j]], rate=float(rates[i, j] + rates[j, i]) / 2,
+                             a_as_b=float(rates[i, j]), b_as_a=float(rates[j, i]),
+                             count=int(counts[i, j] + counts[j, i])) for i, j in pairs[:3]],
+        cat_dog_rank=1 + pairs.index((CLASSES.index("cat"), CLASSES.index("dog"))),
+        images_per_class=test_size // len(CLASSES))
+
+
+def per_class_table(per_class: list[dict]) -> str:
+    lines = ["| class | precision | recall | F1 | test images |", "|---|---|---|---|---|"]
+    lines += [f"| {c['class']} | {100 * c['precision']:.1f}% | {100 * c['recall']:.1f}% | {100 * c['f1']:.1f}% | "
+              f"{c['support']} |" for c in per_class]
+    return "\n".join(lines)
+
+
+def findings_text(m: dict, level2_text: str) -> str:
+    """The findings, as sentences written from the numbers."""
+    f = m["findings"]
+    n = f["images_per_class"]
+
+    def cls(c: dict) -> str:
+        return f"{c['class']} (F1 {100 * c['f1']:.1f}%, recall {100 * c['recall']:.1f}%)"
+
+    gap = difference(f["best_classes"][0]["recall"], f["worst_classes"][0]["recall"], n, n)
+    lines = [
+        f"- Best classes: {cls(f['best_classes'][0])} and {cls(f['best_classes'][1])}. "
+        f"Worst: {cls(f['worst_classes'][0])} and {cls(f['worst_classes'][1])}.",
+        f"- Each class has about {n:,} test images, so one class's recall carries a standard error of up to "
+        f"{100 * standard_error(0.5, n):.1f} points, and classes close in the ranking are not reliably ordered. "
+        f"The best class's recall against the worst's: {describe(gap)}.",
+        "- Most confused pairs (the mean of both directions, each a share of its true class): " + "; ".join(
+            f"{p['pair'][0]}↔{p['pair'][1]} {100 * p['rate']:.1f}% ({100 * p['a_as_b']:.1f}% of {p['pair'][0]} "
+            f"predicted as {p['pair'][1]}, {100 * p['b_as_a']:.1f}% the other way; {p['count']} images)"
+            for p in f["confused_pairs"]) + ".",
+        "- The seed expects cat↔dog to be the most confused pair: " + (
+            "so it is here." if f["cat_dog_rank"] == 1 else f"here it ranks {f['cat_dog_rank']} of 45."),
+        f"- Test accuracy {100 * m['test_accuracy']:.2f}% on {m['test_size']:,} images "
+        f"(± {100 * standard_error(m['test_accuracy'], m['test_size']):.2f} points, one standard error). "
+        + level2_text,
+        f"- The trained model holds {m['se_blocks']} SE block(s) ({m['se_parameters']:,} parameters"
+        f"{', trained' if m.get('se_trained') else ', unchanged by training'}).",
+    ]
+    if m.get("quick"):
+        lines.append("- Smoke run (`--quick`): small subsets, tiny images; the numbers show that the analysis "
+                     "works, not what the architecture achieves.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
