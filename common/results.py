@@ -80,6 +80,33 @@ class LevelRun:
             environment=None, figures={}, command=" ".join(sys.argv),
         )
 
+    def setup(self, settings):
+        """Seed, device (joining the process group under torchrun), precision, backends; recorded in metrics."""
+        import torch
+
+        from common.training import configure_backends, select_device, select_precision
+
+        torch.manual_seed(settings.seed)
+        device = select_device(settings.device)
+        precision = select_precision(device)
+        configure_backends(device)
+        self.metrics["environment"] = environment(device, precision)
+        return device, precision
+
+    def load_data(self, settings, device):
+        """-> (splits on the CPU, {split: (uint8 images, labels)} on the device), the sizes recorded.
+
+        The uint8 images go to the device once; every batch is then augmented, converted and resized there
+        (see common/training.py)."""
+        from common.data import load_splits
+
+        splits = load_splits(settings.data_dir, settings.train_size, settings.val_size, settings.test_size)
+        self.metrics.update(train_size=len(splits.train), val_size=len(splits.val), test_size=len(splits.test),
+                            data_source=splits.source)
+        images = {name: (s.images.to(device), s.labels.to(device))
+                  for name, s in (("train", splits.train), ("val", splits.val), ("test", splits.test))}
+        return splits, images
+
     def path(self, name: str) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
         return self.dir / name

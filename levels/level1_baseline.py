@@ -35,14 +35,13 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from common.cli import parse_args  # noqa: E402
-from common.data import load_splits  # noqa: E402
 from common.models import create_model, normalization  # noqa: E402
 from common.plots import plot_training_curves  # noqa: E402
 from common.progress import TrainingDisplay  # noqa: E402
-from common.results import LevelRun, environment  # noqa: E402
+from common.results import LevelRun  # noqa: E402
 from common.training import (  # noqa: E402
-    TensorBatches, autocast, configure_backends, cosine_schedule, count_parameters, evaluate, fit, freeze,
-    make_optimizer, model_input, process_share, select_device, select_precision,
+    TensorBatches, autocast, cosine_schedule, count_parameters, evaluate, fit, freeze, make_optimizer, model_input,
+    process_share,
 )
 from common.distributed import gather_in_order  # noqa: E402
 
@@ -78,20 +77,11 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
 
     # ------------------------------------------------------------------------------------------------------
     #                                              Setup
-    torch.manual_seed(settings.seed)
-    device = select_device(settings.device)
-    precision = select_precision(device)
-    configure_backends(device)
-    m["environment"] = environment(device, precision)
+    device, precision = run.setup(settings)  # seed, device, mixed precision (see common/training.py)
 
     # ------------------------------------------------------------------------------------------------------
     #                                              Data
-    splits = load_splits(settings.data_dir, settings.train_size, settings.val_size, settings.test_size)
-    m.update(train_size=len(splits.train), val_size=len(splits.val), test_size=len(splits.test),
-             data_source=splits.source)
-    # uint8 images go to the device once; every batch is converted and resized there (see common/training.py)
-    images = {name: (s.images.to(device), s.labels.to(device))
-              for name, s in (("train", splits.train), ("val", splits.val), ("test", splits.test))}
+    splits, images = run.load_data(settings, device)  # 40k/10k/10k, uint8 on the device
 
     # ------------------------------------------------------------------------------------------------------
     #                                             Network

@@ -43,15 +43,13 @@ from torch import nn  # noqa: E402
 
 from common.augment import color_jitter, random_crop_flip  # noqa: E402
 from common.cli import parse_args  # noqa: E402
-from common.data import load_splits  # noqa: E402
 from common.models import create_model, last_stage, normalization, train_only  # noqa: E402
 from common.plots import plot_ablation, plot_training_curves  # noqa: E402
 from common.progress import TrainingDisplay  # noqa: E402
-from common.results import LevelRun, environment  # noqa: E402
+from common.results import LevelRun  # noqa: E402
 from common.summary import load_metrics  # noqa: E402
 from common.training import (  # noqa: E402
-    FitResult, TensorBatches, configure_backends, cosine_schedule, count_parameters, evaluate, fit, make_optimizer,
-    model_input, select_device, select_precision,
+    FitResult, TensorBatches, cosine_schedule, count_parameters, evaluate, fit, make_optimizer, model_input,
 )
 
 # ----------------------------------------------------------------------------------------------------------
@@ -225,20 +223,11 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
 
     # ------------------------------------------------------------------------------------------------------
     #                                              Setup
-    torch.manual_seed(settings.seed)
-    device = select_device(settings.device)
-    precision = select_precision(device)
-    configure_backends(device)
-    m["environment"] = environment(device, precision)
+    device, precision = run.setup(settings)  # seed, device, mixed precision (see common/training.py)
 
     # ------------------------------------------------------------------------------------------------------
     #                                              Data
-    splits = load_splits(settings.data_dir, settings.train_size, settings.val_size, settings.test_size)
-    m.update(train_size=len(splits.train), val_size=len(splits.val), test_size=len(splits.test),
-             data_source=splits.source)
-    # uint8 images go to the device once; each batch is augmented, converted and resized there
-    images = {name: (s.images.to(device), s.labels.to(device))
-              for name, s in (("train", splits.train), ("val", splits.val), ("test", splits.test))}
+    splits, images = run.load_data(settings, device)  # 40k/10k/10k, uint8 on the device
 
     # ------------------------------------------------------------------------------------------------------
     #                          Network and training, for one configuration ("arm")

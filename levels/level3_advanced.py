@@ -35,12 +35,12 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from common.cli import parse_args  # noqa: E402
-from common.data import CLASSES, load_splits  # noqa: E402
+from common.data import CLASSES  # noqa: E402
 from common.models import create_model, last_stage, train_only  # noqa: E402
 from common.plots import plot_confusion_matrix, plot_training_curves  # noqa: E402
-from common.results import LevelRun, environment, write_text_atomic  # noqa: E402
+from common.results import LevelRun, write_text_atomic  # noqa: E402
 from common.training import (  # noqa: E402
-    SetupError, configure_backends, count_parameters, evaluate, select_device, select_precision,
+    SetupError, count_parameters, evaluate,
 )
 from levels.level2_intermediate import (  # noqa: E402  Level 2's training, augmentation and noise arithmetic
     augmentation_steps, compare_with_level, describe, difference, evaluation_batches, standard_error, train,
@@ -191,19 +191,11 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
 
     # ------------------------------------------------------------------------------------------------------
     #                                              Setup
-    torch.manual_seed(settings.seed)
-    device = select_device(settings.device)
-    precision = select_precision(device)
-    configure_backends(device)
-    m["environment"] = environment(device, precision)
+    device, precision = run.setup(settings)  # seed, device, mixed precision (see common/training.py)
 
     # ------------------------------------------------------------------------------------------------------
     #                                              Data
-    splits = load_splits(settings.data_dir, settings.train_size, settings.val_size, settings.test_size)
-    m.update(train_size=len(splits.train), val_size=len(splits.val), test_size=len(splits.test),
-             data_source=splits.source)
-    images = {name: (s.images.to(device), s.labels.to(device))
-              for name, s in (("train", splits.train), ("val", splits.val), ("test", splits.test))}
+    splits, images = run.load_data(settings, device)  # 40k/10k/10k, uint8 on the device
 
     # ------------------------------------------------------------------------------------------------------
     #                                             Network

@@ -52,14 +52,13 @@ from torch import nn  # noqa: E402
 
 from common.augment import random_crop_flip  # noqa: E402
 from common.cli import parse_args  # noqa: E402
-from common.data import CLASSES, load_splits  # noqa: E402
+from common.data import CLASSES  # noqa: E402
 from common.models import create_model, normalization  # noqa: E402
 from common.plots import plot_accuracy_comparison, plot_reliability, plot_training_curves  # noqa: E402
 from common.progress import TrainingDisplay, console  # noqa: E402
-from common.results import LevelRun, environment, write_text_atomic  # noqa: E402
+from common.results import LevelRun, write_text_atomic  # noqa: E402
 from common.training import (  # noqa: E402
-    SetupError, TensorBatches, autocast, configure_backends, count_parameters, fit, make_optimizer, model_input,
-    select_device, select_precision,
+    SetupError, TensorBatches, autocast, count_parameters, fit, make_optimizer, model_input,
 )
 
 # ----------------------------------------------------------------------------------------------------------
@@ -119,20 +118,12 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
     members = member_names(hp.models)
     weights = member_weights(settings.weights, members)
     check_recipe(hp)
-    torch.manual_seed(settings.seed)
-    device = select_device(settings.device)
-    precision = select_precision(device)
-    configure_backends(device)
-    m["environment"] = environment(device, precision)
+    device, precision = run.setup(settings)  # seed, device, mixed precision (see common/training.py)
     m["members"] = {}
 
     # ------------------------------------------------------------------------------------------------------
     #                                              Data
-    splits = load_splits(settings.data_dir, settings.train_size, settings.val_size, settings.test_size)
-    m.update(train_size=len(splits.train), val_size=len(splits.val), test_size=len(splits.test),
-             data_source=splits.source)
-    images = {name: (s.images.to(device), s.labels.to(device))
-              for name, s in (("train", splits.train), ("val", splits.val), ("test", splits.test))}
+    splits, images = run.load_data(settings, device)  # 40k/10k/10k, uint8 on the device
     views = tta_views(hp.tta, hp.tta_shifts)
 
     # ------------------------------------------------------------------------------------------------------
@@ -724,7 +715,7 @@ def analysis(m: dict) -> list[str]:
     members = list(m["members"])
     if tta:
         deltas = [rows[f"{k} + TTA"]["test_accuracy"] - rows[k]["test_accuracy"] for k in members]
-        out.append(f"- **Test-time augmentation.** Averaging the mirror image changed the members' test accuracy by "
+        out.append("- **Test-time augmentation.** Averaging the mirror image changed the members' test accuracy by "
                    + ", ".join(f"{100 * d:+.2f} ({k})" for k, d in zip(members, deltas))
                    + f" points, at {rows[reference]['images_per_second'] or 0:,.0f} instead of "
                    f"{rows[m['best_member']]['images_per_second'] or 0:,.0f} images per second for {m['best_member']}.")
