@@ -283,17 +283,47 @@ def _whole_batch(batch):
     return batch  # __getitems__ already returns the batch: nothing to collate
 
 
+class GlobalBatchShare(torch.utils.data.Sampler):
+    """Index lists of the shuffled global batches of `batch_size`, or this process's share of each under torchrun
+    (process r takes items r, r + N, ... of every global batch, as common.training.TensorBatches.shard does).
+    Every process draws the same shuffle from the same seed, so together they train on exactly the batches one
+    process would; the last incomplete batch is dropped, so every process takes the same number of steps."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=self.generator)
+        for k in range(len(self)):
+            yield order[k * self.batch_size:(k + 1) * self.batch_size][self.rank::self.world_size].tolist()
+
+
 class AutoAugmentBatches:
     """Training batches: AutoAugment in DataLoader workers, then the crop, flip and resize on the device."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int, workers: int,
-                 device: torch.device, transform: Callable[[torch.Tensor], torch.Tensor]):
+                 device: torch.device, transform: Callable[[torch.Tensor], torch.Tensor], rank: int = 0,
+                 world_size: int = 1):
+        self.arguments = (images, labels, batch_size, seed, workers, device, transform)
         self.device, self.transform = device, transform
         workers = min(workers, os.cpu_count() or 1)
         self.loader = torch.utils.data.DataLoader(
-            AutoAugmentImages(images.cpu(), labels.cpu()), batch_size=batch_size, shuffle=True, drop_last=True,
-            generator=torch.Generator().manual_seed(seed), num_workers=workers, collate_fn=_whole_batch,
-            pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+            AutoAugmentImages(images.cpu(), labels.cpu()),
+            batch_sampler=GlobalBatchShare(len(labels), batch_size, seed, rank, world_size),
+            num_workers=workers, collate_fn=_whole_batch, pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0)
+
+    def shard(self, rank: int, world_size: int, training: bool) -> "AutoAugmentBatches":
+        """This process's share under torchrun (common.training.process_share calls it)."""
+        images, labels, batch_size, *rest = self.arguments
+        if batch_size % world_size:
+            raise SetupError(f"--batch-size {batch_size} does not split evenly between {world_size} processes: "
+                             f"use a multiple of {world_size}.")
+        return AutoAugmentBatches(images, labels, batch_size, *rest, rank=rank, world_size=world_size)
 
     def __len__(self) -> int:
         return len(self.loader)
