@@ -1,13 +1,13 @@
 """The runner: `python run.py level N`, `python run.py all`, `python run.py summary`, `python run.py bench`.
 
-Each level is a plain script in levels/; the runner imports it and calls its main() with the flags you give,
-so `python run.py level 1 --quick` and `python levels/level1_baseline.py --quick` do exactly the same thing.
-`python run.py level N --help` lists the flags.
+Each level is a plain script in levels/; the runner imports it as a module (levels.levelN_...) and calls its
+main() with the flags you give, so `python run.py level 1 --quick` and `python levels/level1_baseline.py --quick`
+do exactly the same thing. `python run.py level N --help` lists the flags.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import sys
 from pathlib import Path
 
@@ -16,12 +16,18 @@ import typer
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-LEVEL_FILES = {
-    1: "levels/level1_baseline.py",
-    2: "levels/level2_intermediate.py",
-    3: "levels/level3_advanced.py",
-    4: "levels/level4_expert.py",
+LEVEL_MODULES = {
+    1: "level1_baseline",
+    2: "level2_intermediate",
+    3: "level3_advanced",
+    4: "level4_expert",
 }
+LEVEL_FILES = {number: f"levels/{name}.py" for number, name in LEVEL_MODULES.items()}
+
+
+def load_level(number: int):
+    """A level's module, imported once (levels.level2_intermediate is the same object everywhere)."""
+    return importlib.import_module(f"levels.{LEVEL_MODULES[number]}")
 PASS_THROUGH = dict(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
                     add_help_option=False)
 
@@ -39,11 +45,7 @@ def _run_level(number: int, argv: list[str]) -> int:
     if not path.is_file():
         console.print(f"[bold red]Error:[/] level {number} is not built yet ({LEVEL_FILES[number]} does not exist).")
         return 2
-    spec = importlib.util.spec_from_file_location(f"level{number}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return load_level(number).main(argv)
 
 
 @app.command(**PASS_THROUGH)
@@ -94,7 +96,18 @@ def bench(
     """Measure each level's training speed against the device's limit: writes OUT/bench.json and OUT/bench.md."""
     from common.bench import run_bench
 
-    raise typer.Exit(run_bench(quick=quick, data_dir=data_dir, out_dir=str(out_dir), device=device, compile=compile,
+    sources, level1_main = {}, None
+    for number, path in LEVEL_FILES.items():
+        if not (ROOT / path).is_file():
+            sources[number] = f"{path} does not exist (level not built yet)"
+            continue
+        try:
+            module = load_level(number)
+            sources[number] = getattr(module, "bench_recipes", None) or f"{path} has no bench_recipes()"
+            level1_main = module.main if number == 1 else level1_main
+        except Exception as error:  # a level being rewritten must not stop the benchmark of the others
+            sources[number] = f"{path} could not be imported ({type(error).__name__}: {error})"
+    raise typer.Exit(run_bench(sources, level1_main, quick=quick, data_dir=data_dir, out_dir=str(out_dir), device=device, compile=compile,
                                levels=level, model=model, img_size=img_size, batch_size=batch_size, steps=steps,
                                repeats=repeats, level1_comparison=level1_comparison))
 

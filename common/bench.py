@@ -23,7 +23,6 @@ Writes OUT/bench.json and OUT/bench.md (summary.md links it).
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import itertools
 import json
 import resource
@@ -42,14 +41,14 @@ from torch import nn
 from common.data import load_cifar10, make_splits
 from common.models import create_model, normalization
 from common.progress import console
-from common.results import environment, write_json_atomic, write_text_atomic
+from common.io import write_json_atomic, write_text_atomic
+from common.results import environment
 from common.training import (
     TensorBatches, configure_backends, device_name, evaluate, make_optimizer, model_input, select_device,
     select_precision, set_train_mode, train_one_epoch,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-LEVEL_MODULES = {1: "level1_baseline", 2: "level2_intermediate", 3: "level3_advanced", 4: "level4_expert"}
+LEVEL_NUMBERS = (1, 2, 3, 4)
 
 # --quick: the smoke profile's image size, and few steps. Level 1's end-to-end comparison runs on train,
 # validation and test subsets in the full run's 4:1:1 proportions, so that its ratio carries over to a full
@@ -95,7 +94,7 @@ def peak_host_memory() -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Recipes: what each level trains, read from the level's own module
+# Recipes: what each level trains. Each level's bench_recipes() builds its own; the runner hands them over
 
 
 @dataclass
@@ -119,12 +118,12 @@ class Recipe:
     loss_fn: nn.Module = dataclasses.field(default_factory=nn.CrossEntropyLoss)
 
 
-def _hyperparameters(module, overrides: dict):
-    hp = module.Hyperparameters()
+def with_overrides(hp, overrides: dict):
+    """A level's Hyperparameters with the bench's --model, --img-size and --batch-size (those given)."""
     return dataclasses.replace(hp, **{k: v for k, v in overrides.items() if v is not None and hasattr(hp, k)})
 
 
-def _timm_model(name: str, img_size: int, **kwargs) -> nn.Module:
+def random_timm_model(name: str, img_size: int, **kwargs) -> nn.Module:
     """A timm model with random weights; one whose input size is fixed at creation (a ViT) built for img_size."""
     import timm
 
@@ -134,91 +133,39 @@ def _timm_model(name: str, img_size: int, **kwargs) -> nn.Module:
     return create_model(name, num_classes=10, pretrained=False, **kwargs)
 
 
-def _train_only_head(model: nn.Module) -> nn.Module:
+def train_only_head(model: nn.Module) -> nn.Module:
     from common.models import train_only
 
     train_only(model, [model.get_classifier()])
     return model
 
 
-def _train_last_stage(model: nn.Module) -> nn.Module:
-    """Level 2's and 3's trainable part: the last stage, the head, and anything added on top (Level 3's SE)."""
-    from common.models import last_stage, train_only
+def train_part(model: nn.Module, scope: str = "last-stage") -> nn.Module:
+    """Level 2's and 3's trainable part: the last stage (or all), the head, and anything added on top (Level 3's
+    SE block)."""
+    from common.finetuning import fine_tune_scope
+    from common.models import train_only
 
     backbone = getattr(model, "backbone", model)  # Level 3's SEClassifier keeps the timm model as .backbone
     extra = [m for name, m in model.named_children() if name not in ("backbone",)] if backbone is not model else []
-    train_only(model, [*last_stage(backbone), *extra, model.get_classifier()])
+    train_only(model, [*fine_tune_scope(backbone, scope), *extra, model.get_classifier()])
     return model
 
 
-def level1_recipes(module, overrides: dict) -> list[Recipe]:
-    hp = _hyperparameters(module, overrides)
-    return [Recipe(1, "Level 1", hp.model, hp.img_size, hp.batch_size, hp.feature_batch_size,
-                   "head (frozen backbone run live, as --no-cache-features)", "none",
-                   lambda: _train_only_head(_timm_model(hp.model, hp.img_size, drop_rate=0.0)),
-                   hp.optimizer, hp.lr, hp.weight_decay)]
-
-
-def level2_recipes(module, overrides: dict) -> list[Recipe]:
-    hp = _hyperparameters(module, overrides)
-    return [Recipe(2, "Level 2", hp.model, hp.img_size, hp.batch_size, hp.eval_batch_size, "last stage + head",
-                   ", ".join(module.augmentation_steps(hp)),
-                   lambda: _train_last_stage(_timm_model(hp.model, hp.img_size)), hp.optimizer, hp.lr,
-                   hp.weight_decay, augment=lambda x: module.augment(x, hp))]
-
-
-def level3_recipes(module, overrides: dict) -> list[Recipe]:
-    hp = _hyperparameters(module, overrides)
-    level2 = importlib.import_module("levels.level2_intermediate")  # Level 3 trains with Level 2's augmentation
-    return [Recipe(3, "Level 3", hp.model + " + SE", hp.img_size, hp.batch_size, hp.eval_batch_size,
-                   "last stage + SE + head", ", ".join(level2.augmentation_steps(hp)),
-                   lambda: _train_last_stage(module.build_se_model(hp.model, False, None, num_classes=10)),
-                   hp.optimizer, hp.lr, hp.weight_decay, augment=lambda x: level2.augment(x, hp))]
-
-
-def level4_recipes(module, overrides: dict) -> list[Recipe]:
-    from timm.data import Mixup
-    from timm.loss import SoftTargetCrossEntropy
-
-    from common.augment import random_crop_flip
-
-    hp = _hyperparameters(module, overrides)
-    members = [overrides["model"]] if overrides.get("model") else module.member_names(hp.models)
-    steps = (["AutoAugment (CIFAR-10 policy, per image, CPU workers)"] if hp.autoaugment else []) + \
-        ["crop + flip"] + (["MixUp/CutMix"] if hp.mixup or hp.cutmix else [])
-    mix = Mixup(mixup_alpha=0.8 if hp.mixup else 0.0, cutmix_alpha=1.0 if hp.cutmix else 0.0,
-                label_smoothing=hp.label_smoothing, num_classes=10) if hp.mixup or hp.cutmix else None
-
-    def batches(images, labels, batch_size, transform):
-        if not hp.autoaugment:
-            return TensorBatches(images, labels, batch_size, shuffle=True, transform=transform, drop_last=True)
-        return module.AutoAugmentBatches(images.cpu(), labels.cpu(), batch_size, 0, hp.workers, images.device,
-                                         transform)
-
-    return [Recipe(4, f"Level 4: {name}", name, hp.img_size, hp.batch_size, hp.eval_batch_size, "all",
-                   ", ".join(steps), lambda name=name: module.build_member(name, False, None, hp),
-                   hp.optimizer, hp.lr, hp.weight_decay, augment=random_crop_flip, batches=batches, mix=mix,
-                   loss_fn=SoftTargetCrossEntropy() if mix else nn.CrossEntropyLoss())
-            for name in members]
-
-
-LEVEL_RECIPES = {1: level1_recipes, 2: level2_recipes, 3: level3_recipes, 4: level4_recipes}
-
-
-def load_recipes(levels: list[int], overrides: dict) -> tuple[list[Recipe], list[dict]]:
-    """Each level's recipes from its module; a level that is missing (or whose module does not load) is skipped,
-    with the reason."""
+def collect_recipes(recipe_sources: dict[int, Callable[[dict], list[Recipe]] | str], levels: list[int],
+                    overrides: dict) -> tuple[list[Recipe], list[dict]]:
+    """Each level's recipes from the function its module exposes (bench_recipes, handed over by the runner);
+    a level that is missing, or whose recipe cannot be read, is skipped with the reason (a string)."""
     recipes, skipped = [], []
     for level in levels:
-        name = LEVEL_MODULES[level]
-        if not (ROOT / "levels" / f"{name}.py").is_file():
-            skipped.append(dict(level=level, reason=f"levels/{name}.py does not exist (level not built yet)"))
+        source = recipe_sources.get(level)
+        if isinstance(source, str) or source is None:
+            skipped.append(dict(level=level, reason=source or "no recipe"))
             continue
         try:
-            recipes += LEVEL_RECIPES[level](importlib.import_module(f"levels.{name}"), overrides)
+            recipes += source(overrides)
         except Exception as error:  # a level being rewritten must not stop the benchmark of the others
-            skipped.append(dict(level=level, reason=f"its recipe could not be read from levels/{name}.py "
-                                                    f"({type(error).__name__}: {error})"))
+            skipped.append(dict(level=level, reason=f"its recipe could not be read ({type(error).__name__}: {error})"))
     return recipes, skipped
 
 
@@ -403,27 +350,26 @@ def bench_recipe(recipe: Recipe, data: dict, device, precision, steps: int, repe
 # Level 1: cached features against the backbone every epoch, end to end
 
 
-def level1_speedup(overrides: dict, img_size: int, sizes: tuple, data_dir, device_choice: str) -> dict:
+def level1_speedup(level1_main: Callable[[list[str]], int], model: str, img_size: int, sizes: tuple, data_dir,
+                   device_choice: str) -> dict:
     """Level 1's main() twice, as a user runs it: with cached features, and with --no-cache-features.
 
     The time compared is the level's own record: features (when cached) and the 5 epochs (train_seconds),
     plus the test evaluation (test_seconds), i.e. everything after the data and the model are loaded.
     """
-    module = importlib.import_module(f"levels.{LEVEL_MODULES[1]}")
-    hp = _hyperparameters(module, overrides)
     train, val, test = sizes
-    argv = ["--model", hp.model, "--img-size", str(img_size), "--epochs", str(LEVEL1_EPOCHS), "--no-pretrained",
+    argv = ["--model", model, "--img-size", str(img_size), "--epochs", str(LEVEL1_EPOCHS), "--no-pretrained",
             "--device", device_choice, *(["--data-dir", str(data_dir)] if data_dir else [])]
     for flag, size in (("--train-size", train), ("--val-size", val), ("--test-size", test)):
         if size is not None:
             argv += [flag, str(size)]
-    result = dict(epochs=LEVEL1_EPOCHS, model=hp.model, img_size=img_size)
+    result = dict(epochs=LEVEL1_EPOCHS, model=model, img_size=img_size)
     quiet = console.quiet
     console.quiet = True  # the level's own table would bury the benchmark's
     try:
         with tempfile.TemporaryDirectory() as out:
             for key, flag in (("cached", "--cache-features"), ("recompute", "--no-cache-features")):
-                code = module.main([*argv, flag, "--out-dir", f"{out}/{key}"])
+                code = level1_main([*argv, flag, "--out-dir", f"{out}/{key}"])
                 if code != 0:
                     raise RuntimeError(f"Level 1 {flag} exited with code {code}")
                 m = json.loads(Path(f"{out}/{key}/level1/metrics.json").read_text())
@@ -439,14 +385,17 @@ def level1_speedup(overrides: dict, img_size: int, sizes: tuple, data_dir, devic
 # The run
 
 
-def run_bench(quick: bool = False, data_dir: str | None = None, out_dir: str = "outputs", device: str = "auto",
-              compile: bool = False, levels: list[int] | None = None, model: str | None = None,
-              img_size: int | None = None, batch_size: int | None = None, steps: int | None = None,
-              repeats: int | None = None, level1_comparison: bool = True) -> int:
+def run_bench(recipe_sources: dict, level1_main: Callable | None = None, quick: bool = False,
+              data_dir: str | None = None, out_dir: str = "outputs", device: str = "auto", compile: bool = False,
+              levels: list[int] | None = None, model: str | None = None, img_size: int | None = None,
+              batch_size: int | None = None, steps: int | None = None, repeats: int | None = None,
+              level1_comparison: bool = True) -> int:
+    """The benchmark. `recipe_sources` maps each level to its bench_recipes function (or to the reason it has
+    none); the runner, which knows the levels, collects them, so that common/ never imports a level."""
     from common.data import DataError
     from common.training import SetupError
 
-    unknown = [n for n in levels or [] if n not in LEVEL_MODULES]
+    unknown = [n for n in levels or [] if n not in LEVEL_NUMBERS]
     if unknown:
         console.print(f"[bold red]Error:[/] --level {unknown[0]}: levels are 1 to 4.", highlight=False)
         return 2
@@ -457,7 +406,7 @@ def run_bench(quick: bool = False, data_dir: str | None = None, out_dir: str = "
         dev = select_device(device)
         precision = select_precision(dev)
         configure_backends(dev)
-        recipes, skipped = load_recipes(levels or list(LEVEL_MODULES), overrides)
+        recipes, skipped = collect_recipes(recipe_sources, levels or list(LEVEL_NUMBERS), overrides)
 
         # the data, as every level holds it: uint8 arrays on the host, the splits' uint8 tensors on the device
         before = peak_host_memory()
@@ -489,7 +438,9 @@ def run_bench(quick: bool = False, data_dir: str | None = None, out_dir: str = "
         level1_img = next(r.img_size for r in recipes if r.level == 1)
         console.print(f"Level 1: cached features against the backbone every epoch, {LEVEL1_EPOCHS} epochs ...",
                       highlight=False)
-        report["level1_cache"] = level1_speedup(overrides, level1_img, profile["level1_sizes"], data_dir, device)
+        level1_model = next(r.model for r in recipes if r.level == 1)
+        report["level1_cache"] = level1_speedup(level1_main, level1_model, level1_img, profile["level1_sizes"],
+                                                data_dir, device)
     host["peak_bytes"] = peak_host_memory()
     report["targets"] = judge_targets(report, dev)
 

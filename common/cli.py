@@ -12,11 +12,14 @@ import dataclasses
 import typing
 from dataclasses import dataclass
 
+from common.training import PRECISIONS
+
 # The smoke profile: small enough to finish Level 1 in well under a minute on a 2-core CPU.
 # Its numbers are not comparable with a full run (a tenth of the test set, one epoch, tiny images).
 QUICK_PROFILE = dict(train_size=2000, val_size=500, test_size=1000, epochs=1, img_size=64)
 
 HYPERPARAMETER_FLAGS = ("model", "epochs", "batch_size", "lr", "img_size")
+SPLIT_SIZES = dict(train_size=40_000, val_size=10_000, test_size=10_000)  # the most each split holds
 
 
 @dataclass
@@ -33,6 +36,10 @@ class RunSettings:
     val_size: int | None = None
     test_size: int | None = None
     quick: bool = False
+    profile: str | None = None
+    precision: str = "auto"
+    resume: bool = False
+    deterministic: bool = False
 
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,8 +64,21 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--img-size", type=int, help="the model's input size; images are resized on the device")
     train.add_argument("--seed", type=int, help="seed for initialization and shuffling (the split is fixed)")
     train.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    train.add_argument("--precision", choices=list(PRECISIONS),
+                       help="auto (default): bf16 on Ampere+ GPUs, fp16 with loss scaling on older ones; on a CPU "
+                            "bf16 where it has bf16 hardware and it is faster (inference always, training only for "
+                            "models without depthwise convolutions), else fp32")
+    train.add_argument("--deterministic", action="store_const", const=True,
+                       help="on a GPU, deterministic kernels and no cuDNN autotuning: the same numbers every run, "
+                            "somewhat slower (a CPU run is deterministic already)")
     train.add_argument("--quick", action="store_const", const=True,
                        help=f"smoke profile for a CPU: {QUICK_PROFILE}; explicit flags win")
+    train.add_argument("--profile", help="a named recipe for other hardware; 'cpu': the full data on a CPU with "
+                       "ImageNet-pretrained EfficientNet-Lite models at reduced image sizes (see the level's "
+                       "docstring). Explicit flags win")
+    train.add_argument("--resume", action="store_const", const=True,
+                       help="continue from the last finished epoch saved in OUT/levelN/checkpoints/ (the same "
+                            "flags and code are required). With nothing to resume, says so and starts fresh")
 
 
 def _field_type(cls, f: dataclasses.Field):
@@ -87,15 +107,41 @@ def build_parser(hyperparameters, prog: str, description: str) -> argparse.Argum
 
 
 def parse_args(argv: list[str] | None, hyperparameters, prog: str, description: str = "",
-               quick_overrides: dict | None = None):
-    """-> (RunSettings, hyperparameters): defaults, then the --quick profile, then the flags given explicitly."""
-    given = {k: v for k, v in vars(build_parser(hyperparameters, prog, description).parse_args(argv)).items()
-             if v is not None}
+               quick_overrides: dict | None = None, profiles: dict[str, dict] | None = None):
+    """-> (RunSettings, hyperparameters): defaults, then --profile, then the --quick profile, then the flags
+    given explicitly. A value no run can use (0 epochs, a subset larger than its split...) stops here, exit 2."""
+    parser = build_parser(hyperparameters, prog, description)
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     values = {**dataclasses.asdict(RunSettings()), **dataclasses.asdict(hyperparameters)}
+    if "profile" in given:
+        profiles = profiles or {}
+        if given["profile"] not in profiles:
+            parser.error(f"unknown --profile '{given['profile']}'; this level has: "
+                         f"{', '.join(profiles) or 'none'}")
+        values.update(profiles[given["profile"]])
     if given.get("quick"):
         values.update(QUICK_PROFILE)
         values.update(quick_overrides or {})
     values.update(given)
+    for message in _invalid(values):
+        parser.error(message)
     settings = RunSettings(**{f.name: values[f.name] for f in dataclasses.fields(RunSettings)})
     hp = dataclasses.replace(hyperparameters, **{f.name: values[f.name] for f in dataclasses.fields(hyperparameters)})
     return settings, hp
+
+
+def _invalid(values: dict) -> list[str]:
+    """What is wrong with the merged flags, each as a message naming the flag."""
+    problems = []
+    for key in ("epochs", "batch_size", "img_size"):
+        if values.get(key) is not None and values[key] < 1:
+            problems.append(f"--{key.replace('_', '-')} must be at least 1, not {values[key]}")
+    for key, most in SPLIT_SIZES.items():
+        size = values.get(key)
+        if size is not None and not 10 <= size <= most:
+            problems.append(f"--{key.replace('_', '-')} {size}: a stratified subset needs at least 10 images (one "
+                            f"per class) and at most the {most:,} of its split")
+    for key, value in values.items():  # a level's other sizes and counts (--ablation-epochs, --eval-batch-size)
+        if key.endswith(("_epochs", "_batch_size")) and isinstance(value, int) and value < 1:
+            problems.append(f"--{key.replace('_', '-')} must be at least 1, not {value}")
+    return problems

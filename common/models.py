@@ -22,8 +22,11 @@ def create_model(name: str, num_classes: int = 10, pretrained: bool = True, weig
     import timm
 
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
-        raise SetupError(f"--model '{name}' is not a timm model." + (f" Similar names: {', '.join(close)}." if close else ""))
+        import difflib
+
+        close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=6, cutoff=0.5)
+        raise SetupError(f"--model '{name}' is not a timm model." + (f" Closest timm names: {', '.join(close)}."
+                                                                     if close else " See timm.list_models()."))
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_file():
@@ -35,10 +38,57 @@ def create_model(name: str, num_classes: int = 10, pretrained: bool = True, weig
         if not pretrained:
             raise
         if weights is not None:
+            detail = str(error)
+            if "size mismatch" in detail or "Missing key" in detail or "Unexpected key" in detail:
+                detail = (f"its tensors do not fit {name} (a state dict for another architecture?); "
+                          f"first problem: {detail.strip().splitlines()[-1].strip()[:200]}")
             raise SetupError(f"--weights '{weights}' could not be loaded into {name}: "
-                             f"{type(error).__name__}: {str(error)[:400]}") from None
+                             f"{type(error).__name__}: {detail[:400]}") from None
         raise SetupError(f"Could not download the pretrained weights of {name} "
                          f"({type(error).__name__}: {str(error)[:300]}).\n{OFFLINE_HELP}") from None
+
+
+def zero_head(model: nn.Module) -> nn.Module:
+    """Start the new classifier at zero, i.e. from uniform predictions (loss ln 10 = 2.30), and return it.
+
+    timm initializes some classifiers for training from scratch, wide enough that a probe on large features
+    starts at a loss of 6 or more, and whose first large random gradients damage pretrained features when the
+    backbone trains too (a pretrained efficientnet_lite0 stayed near chance for two smoke epochs that way)."""
+    head = model.get_classifier()
+    for p in head.parameters():
+        nn.init.zeros_(p)
+    return head
+
+
+def check_input_size(model: nn.Module, img_size: int, name: str) -> None:
+    """Stop with a message when the model cannot take img_size x img_size inputs: smaller than its total
+    downsampling (a CNN's last stage would see less than one pixel of image, the rest padding), or failing a
+    probe forward pass (one image, eval mode, so that no BatchNorm statistic moves)."""
+    import torch
+
+    info = getattr(model, "feature_info", None) or getattr(getattr(model, "backbone", None), "feature_info", None)
+    stride = info[-1].get("reduction") if info else None
+    if stride and img_size < stride:
+        raise SetupError(f"--img-size {img_size} is too small for {name}: it downsamples by {stride}, so an image "
+                         f"below {stride} px vanishes into padding. Use --img-size {max(stride, 32)} or more.")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, img_size, img_size, device=device))
+    except Exception as error:
+        raise SetupError(f"--img-size {img_size} is too small for {name} ({type(error).__name__}: "
+                         f"{str(error)[:160]}). Use a larger --img-size (32 is CIFAR's own).") from None
+    finally:
+        model.train(was_training)
+
+
+def pretrained_tag(model: nn.Module) -> str | None:
+    """The exact weights a timm model was built with, e.g. 'resnet50.tv_in1k'."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    architecture, tag = cfg.get("architecture"), cfg.get("tag")
+    return f"{architecture}.{tag}" if architecture and tag else architecture
 
 
 def normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from common.results import save_figure  # noqa: E402
+from common.io import save_figure  # noqa: E402
 
 
 def plot_training_curves(history: list[dict], path: Path, title: str) -> Path:

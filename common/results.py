@@ -1,97 +1,96 @@
-"""What a level run records (OUT/levelN/metrics.json), written atomically, and how a run ends.
+"""One level run from start to end: its record (metrics.json), its checkpoints, its saved model, how it ends.
 
-metrics.json is the contract between the levels and the summary: level, status (complete | interrupted |
-failed), test_accuracy and val_accuracy (fractions), split sizes, per-epoch history, timings, the config
-actually used, the environment, quick (smoke run or not) and the figures' paths.
+LevelRun holds `metrics`, the plain dict that becomes OUT/levelN/metrics.json (common/records.py says what is
+in it). The level writes its numbers into it; LevelRun writes it after every epoch (status `running`) and at
+the end, and turns every way a run can end into an exit code and a message a user can act on.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import platform
+import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Callable
 
 from common.data import DataError
 from common.distributed import is_main_process, world_size
+from common.io import OutputError, check_writable, torch_save_atomic
 from common.progress import console
-from common.training import SetupError, TrainingDiverged
+from common.records import this_process, write_metrics
+from common.summary import write_summary
+from common.training import EpochCheckpoint, SetupError, TrainingDiverged, code_version
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
+# Settings that change where or how fast a run goes, not what it computes: a checkpoint stays valid across them.
+NOT_IN_SIGNATURE = ("out_dir", "data_dir", "device", "resume", "quick", "profile")
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file, then rename: a reader (or a Ctrl-C) never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
+MODEL_FORMAT = "cifar10-levels model v1"
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
-
-
-def save_figure(fig, path: Path) -> Path:
-    """Save a matplotlib figure as PNG atomically (under torchrun, rank 0 saves it; the others only close it)."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    if is_main_process():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        fig.savefig(partial, format="png", dpi=110, bbox_inches="tight")
-        os.replace(partial, path)
-    plt.close(fig)
-    return path
-
-
-def environment(device, precision) -> dict:
+def environment(device, precision=None) -> dict:
     import timm
     import torch
     import torchvision
 
     from common.training import device_name
 
-    return dict(device=device_name(device), device_type=device.type, precision=precision.name,
+    return dict(device=device_name(device), device_type=device.type,
+                precision=precision.name if precision else None,
                 torch=torch.__version__, torchvision=torchvision.__version__, timm=timm.__version__,
                 cuda=torch.version.cuda if device.type == "cuda" else None, processes=world_size(),
-                python=platform.python_version(), platform=platform.platform())
+                threads=torch.get_num_threads(), python=platform.python_version(), platform=platform.platform())
 
 
 class LevelRun:
     """The record of one level run. `metrics` is a plain dict that becomes metrics.json."""
 
     def __init__(self, level: int, title: str, approach: str, settings, hyperparameters):
-        self.level = level
-        self.dir = Path(settings.out_dir) / f"level{level}"
+        self.level, self.settings = level, settings
         self.out_dir = Path(settings.out_dir)
+        self.dir = self.out_dir / f"level{level}"
         self.started = time.perf_counter()
+        self.written = False  # has this run written metrics.json yet? (bad input must overwrite nothing)
         self.metrics: dict = dict(
             level=level, title=title, approach=approach, status="running", quick=settings.quick,
-            test_accuracy=None, val_accuracy=None, train_size=None, val_size=None, test_size=None,
-            history=[], train_seconds=None, total_seconds=None,
+            profile=settings.profile, test_accuracy=None, val_accuracy=None, train_size=None, val_size=None,
+            test_size=None, history=[], train_seconds=None, total_seconds=None,
             config={**dataclasses.asdict(settings), **dataclasses.asdict(hyperparameters)},
-            environment=None, figures={}, command=" ".join(sys.argv),
+            environment=None, figures={}, command=" ".join(sys.argv), process=this_process(),
+            started_at=time.strftime("%Y-%m-%d %H:%M:%S %Z"), code_version=code_version(),
         )
 
+    # -- setup -------------------------------------------------------------------------------------------------
     def setup(self, settings):
-        """Seed, device (joining the process group under torchrun), precision, backends; recorded in metrics."""
+        """Seeds, device (joining the process group under torchrun), backends; recorded in metrics.
+        Returns the device; the precision depends on the model too: see precision_for()."""
         import torch
 
-        from common.training import configure_backends, select_device, select_precision
+        from common.training import configure_backends, seed_everything, select_device
 
-        torch.manual_seed(settings.seed)
+        check_writable(self.out_dir)
+        seed_everything(settings.seed)
         device = select_device(settings.device)
-        precision = select_precision(device)
-        configure_backends(device)
-        self.metrics["environment"] = environment(device, precision)
-        return device, precision
+        configure_backends(device, settings.deterministic)
+        self.metrics["environment"] = environment(device)
+        self.device = device
+        return device
+
+    def precision_for(self, model, key: str | None = None):
+        """Training and inference precision for `model` (--precision), recorded with its reason."""
+        from common.training import select_precision
+
+        precision = select_precision(self.device, self.settings.precision, model)
+        if key is None:
+            self.metrics["precision"] = precision.record()
+            self.metrics["environment"]["precision"] = precision.name
+        else:
+            self.metrics.setdefault("precision", {})[key] = precision.record()
+        return precision
 
     def load_data(self, settings, device):
         """-> (splits on the CPU, {split: (uint8 images, labels)} on the device), the sizes recorded.
@@ -107,6 +106,7 @@ class LevelRun:
                   for name, s in (("train", splits.train), ("val", splits.val), ("test", splits.test))}
         return splits, images
 
+    # -- files -------------------------------------------------------------------------------------------------
     def path(self, name: str) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
         return self.dir / name
@@ -115,35 +115,106 @@ class LevelRun:
         """Record a figure that is on disk, by its path relative to the output folder (as summary.md links it)."""
         self.metrics["figures"][key] = Path(path).relative_to(self.out_dir).as_posix()
 
-    def write(self, status: str) -> None:
-        from common.summary import write_summary
+    def checkpoint(self, name: str, **extra) -> EpochCheckpoint:
+        """The per-epoch checkpoint of one training run of this level (`name`: "main", an ablation arm, a member).
 
+        Its signature is what the training depends on: the recipe (every flag but where and how fast), the data
+        (source and split sizes), the code version and `extra`. --resume refuses a checkpoint whose signature
+        differs."""
+        config = {k: v for k, v in self.metrics["config"].items() if k not in NOT_IN_SIGNATURE}
+        signature = dict(config, **extra, code_version=self.metrics["code_version"],
+                         data_source=self.metrics.get("data_source"),
+                         sizes=[self.metrics.get(k) for k in ("train_size", "val_size", "test_size")],
+                         precision=self.metrics.get("precision"))
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+        return EpochCheckpoint(self.dir / "checkpoints" / f"{safe}.pt", signature, self.settings.resume, label=name)
+
+    def save_model(self, state_dict: dict, **meta) -> Path:
+        """OUT/levelN/model.pt: the chosen model's weights and what it takes to rebuild it (timm name, image size,
+        normalization, classes, ...). Loadable with torch.load(path, weights_only=True)."""
+        from common.data import CLASSES
+
+        path = self.path("model.pt")
+        if is_main_process():
+            torch_save_atomic(path, dict(format=MODEL_FORMAT, level=self.level, classes=list(CLASSES),
+                                         state_dict={k: v.detach().cpu() for k, v in state_dict.items()}, **meta))
+        self.metrics["model_file"] = path.relative_to(self.out_dir).as_posix()
+        return path
+
+    def evaluate_test(self, model, batches, device, precision):
+        """The test set, evaluated: counted in metrics.json (`test_evaluations`), which the checklist expects to
+        be 1, after every choice was made on validation."""
+        from common import training
+
+        self.metrics["test_evaluations"] = self.metrics.get("test_evaluations", 0) + 1
+        return training.evaluate(model, batches, device, precision)
+
+    def epoch_done(self) -> None:
+        """After every epoch: metrics.json with status `running` and the epochs so far."""
+        self.write("running", summary=False)
+
+    def write(self, status: str, summary: bool = True) -> None:
         self.metrics["status"] = status
         self.metrics["total_seconds"] = time.perf_counter() - self.started
         if not is_main_process():  # under torchrun every process holds the same metrics; rank 0 writes them
             return
-        write_json_atomic(self.path("metrics.json"), self.metrics)
-        write_summary(self.out_dir)
+        write_metrics(self.out_dir, self.level, self.metrics)
+        self.written = True
+        if summary:
+            write_summary(self.out_dir)
+
+    # -- the end -----------------------------------------------------------------------------------------------
+    def _record_failure(self, status: str, error: str, **extra) -> None:
+        """Record how the run ended, with what was measured; a failure to write is reported, not raised."""
+        self.metrics.update(error=error, **extra)
+        try:
+            self.write(status)
+        except OutputError as write_error:
+            console.print(f"[bold red]Could not record the run:[/] {write_error}", highlight=False)
 
     def execute(self, body: Callable[[], None]) -> int:
         """Run the level's body and end the way a user expects: an exit code, a message, never a traceback
-        for a problem the user can fix. What was measured is written even when the run stops early."""
+        for a problem the user can fix. What was measured is written even when the run stops early; a bug
+        (an unexpected exception) is recorded as `failed` and its traceback still shows."""
+        import torch
+
         try:
             body()
-        except (DataError, SetupError) as error:  # before training: keep any earlier result as it is
+        except (DataError, SetupError) as error:  # bad input: before training, so nothing is overwritten
             console.print(f"[bold red]Error:[/] {error}", highlight=False)
+            if self.written:  # found part-way (a later checkpoint): this run's record must not stay `running`
+                self._record_failure("failed", str(error))
+            return EXIT_BAD_INPUT
+        except OutputError as error:
+            console.print(f"[bold red]Error:[/] {error}", highlight=False)
+            if self.written:
+                self._record_failure("failed", str(error))
             return EXIT_BAD_INPUT
         except TrainingDiverged as error:
             console.print(f"[bold red]Training failed:[/] {error}", highlight=False)
-            self.metrics["error"] = str(error)
-            self.write("failed")
+            self._record_failure("failed", str(error))
+            return EXIT_FAILED
+        except (torch.OutOfMemoryError, MemoryError) as error:
+            where = "GPU" if isinstance(error, torch.OutOfMemoryError) else "host (CPU)"
+            flags = ["--batch-size"] + [f"--{k.replace('_', '-')}" for k in self.metrics["config"]
+                                        if k.endswith("_batch_size")]
+            message = (f"Out of {where} memory. Lower {' or '.join(flags)} (now "
+                       f"{self.metrics['config'].get('batch_size')}), or --img-size. {len(self.metrics['history'])} "
+                       f"epoch(s) were finished and recorded; --resume continues from the last one.")
+            console.print(f"[bold red]Error:[/] {message}", highlight=False)
+            self._record_failure("failed", message)
             return EXIT_FAILED
         except KeyboardInterrupt:
             console.print("[yellow]Interrupted.[/] Writing what was measured so far "
-                          f"({len(self.metrics['history'])} epoch(s)) with status 'interrupted'.")
-            self.write("interrupted")
+                          f"({len(self.metrics['history'])} epoch(s)) with status 'interrupted'; --resume continues "
+                          f"from the last finished epoch.")
+            self._record_failure("interrupted", "interrupted by the user (Ctrl-C)")
             return EXIT_INTERRUPTED
+        except Exception as error:  # a bug: record it, then let the traceback show
+            self._record_failure("failed", f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
+            raise
         self.write("complete")
+        shutil.rmtree(self.dir / "checkpoints", ignore_errors=True)  # the result is in model.pt now
         console.print(f"Level {self.level}: test accuracy {self.metrics['test_accuracy']:.2%}"
                       f"{' (smoke run, not comparable)' if self.metrics['quick'] else ''}. "
                       f"Results in {self.dir}/, summary in {self.out_dir / 'summary.md'}", highlight=False)

@@ -6,10 +6,12 @@ program can judge is listed as not judged, never ticked; a level that has not ru
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from common.io import write_text_atomic
+from common.records import load_metrics
 
 LEVELS = {
     1: "Transfer learning baseline",
@@ -304,16 +306,15 @@ def judge_level(level: int, metrics: dict | None, level_dir: Path) -> list[tuple
 # ----------------------------------------------------------------------------------------------------------
 
 
-def load_metrics(out_dir: Path) -> dict[int, dict]:
-    found = {}
-    for level in LEVELS:
-        path = Path(out_dir) / f"level{level}" / "metrics.json"
-        if path.is_file():
-            try:
-                found[level] = json.loads(path.read_text())
-            except json.JSONDecodeError:
-                found[level] = dict(level=level, status=f"unreadable metrics.json ({path})")
-    return found
+def status_text(m: dict) -> str:
+    """The status, with how far a run that did not complete got (its finished epochs)."""
+    status = m.get("status") or "—"
+    if status in ("running", "interrupted", "failed"):
+        epochs = (m.get("config") or {}).get("epochs")
+        status += f" after {len(m.get('history') or [])}" + (f" of {epochs}" if epochs else "") + " epoch(s)"
+    if m.get("recorded_status") == "running" and m.get("status") == "interrupted":
+        status += " (killed: its process is gone)"
+    return status
 
 
 def _minutes(seconds: float | None) -> str:
@@ -338,7 +339,7 @@ def render_summary(out_dir: Path) -> str:
             continue
         env = m.get("environment") or {}
         kind = "smoke (not comparable)" if m.get("quick") else "full"
-        lines.append(f"| {level} | {m.get('approach', name)} | {m.get('status')} | {pct(m.get('test_accuracy'))} | "
+        lines.append(f"| {level} | {m.get('approach', name)} | {status_text(m)} | {pct(m.get('test_accuracy'))} | "
                      f"{pct(m.get('val_accuracy'))} | {_minutes(m.get('train_seconds'))} | "
                      f"{env.get('device', '—')} | {kind} |")
     if (out_dir / "bench.md").is_file():  # written by `python run.py bench`
@@ -366,7 +367,7 @@ def _level_section(m: dict, out_dir: Path) -> list[str]:
     lines = []
     if m.get("quick"):
         lines += ["> Smoke run (`--quick`): not comparable with a full run.", ""]
-    lines += [f"- Status: **{m.get('status')}**" + (f" — {m['error']}" if m.get("error") else ""),
+    lines += [f"- Status: **{status_text(m)}**" + (f" — {m['error']}" if m.get("error") else ""),
               f"- Test accuracy: **{pct(m.get('test_accuracy'))}** on {m.get('test_size')} images; "
               f"validation {pct(m.get('val_accuracy'))} on {m.get('val_size')}; trained on {m.get('train_size')}",
               f"- Model: {cfg.get('model')} at {cfg.get('img_size')} px, {cfg.get('epochs')} epoch(s), "
@@ -382,8 +383,6 @@ def _level_section(m: dict, out_dir: Path) -> list[str]:
 
 
 def write_summary(out_dir: Path) -> Path:
-    from common.results import write_text_atomic
-
     path = Path(out_dir) / "summary.md"
     write_text_atomic(path, render_summary(out_dir))
     return path

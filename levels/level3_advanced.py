@@ -6,20 +6,25 @@ What this level teaches
     from a summary of the whole image: *squeeze* each channel to one number (global average pooling),
     *excite* through a small bottleneck (Linear C -> C/16, ReLU, Linear C/16 -> C, sigmoid) that outputs one
     gate in [0, 1] per channel, then multiply every channel by its gate. We write it here, by hand: writing it
-    is the lesson. It goes on ResNet50's final feature map, between the backbone and the pooled head, as in the
-    seed; --se-in-layer4 also puts one inside each residual block of layer4 (as SE-ResNet does everywhere).
+    is the lesson. It goes on ResNet50's final feature map, between the backbone and the pooled head, as in
+    the original assessment; --se-in-layer4 also puts one inside each residual block of layer4 (as SE-ResNet
+    does everywhere).
 
 What changed since Level 2
     The network: backbone -> SE -> head, and the SE block trains with layer4 and the head (AdamW 3e-4, weight
-    decay 1e-4, cosine, 12 epochs, Level 2's per-image augmentation, imported from Level 2 with its training
-    function). The evaluation: precision, recall and F1 per class (scikit-learn), a normalised confusion
-    matrix, and findings written from the numbers: the best and worst classes, the most confused pairs, and
-    the change against Level 2, saying when a difference is within noise.
+    decay 1e-4, cosine, 12 epochs, with Level 2's per-image augmentation and training call, both from
+    common/finetuning.py). The evaluation: precision, recall and F1 per class (scikit-learn), a normalised
+    confusion matrix, and findings written from the numbers: the best and worst classes, the most confused
+    pairs, and the change against Level 2, saying when a difference is within noise.
+
+Which weights
+    resnet50.tv_in1k (torchvision's), as in Levels 1 and 2: the SE block is then the only change from Level 2.
 
 Run
     python levels/level3_advanced.py                 # ResNet50, ImageNet weights from the hub
     python levels/level3_advanced.py --quick         # smoke profile for a CPU
-    python levels/level3_advanced.py --model efficientnet_lite0 --weights FILE --img-size 128   # offline
+    python levels/level3_advanced.py --profile cpu --weights efficientnet_lite0_imagenet.pth   # full data, CPU
+    python levels/level3_advanced.py --resume        # continue after a crash, from the last finished epoch
 """
 
 from __future__ import annotations
@@ -30,22 +35,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `import common` when run as a script
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import numpy as np
+import torch
+from torch import nn
 
-from common.cli import parse_args  # noqa: E402
-from common.data import CLASSES  # noqa: E402
-from common.models import create_model, last_stage, train_only  # noqa: E402
-from common.plots import plot_confusion_matrix, plot_training_curves  # noqa: E402
-from common.results import LevelRun, write_text_atomic  # noqa: E402
-from common.training import (  # noqa: E402
-    SetupError, count_parameters, evaluate,
-)
-from levels.level2_intermediate import (  # noqa: E402  Level 2's training, augmentation and noise arithmetic
-    augmentation_steps, compare_with_level, describe, difference, evaluation_batches, standard_error, train,
-    zero_head,
-)
+from common.cli import parse_args
+from common.data import CLASSES
+from common.finetuning import augmentation_steps, evaluation_batches, fine_tune_scope, train
+from common.io import write_text_atomic
+from common.models import check_input_size, create_model, last_stage, pretrained_tag, train_only, zero_head
+from common.plots import plot_confusion_matrix, plot_training_curves
+from common.results import LevelRun
+from common.stats import compare_with_level, describe, difference, standard_error
+from common.training import SetupError, count_parameters
 
 # ----------------------------------------------------------------------------------------------------------
 #                                            Hyperparameters
@@ -53,15 +55,17 @@ from levels.level2_intermediate import (  # noqa: E402  Level 2's training, augm
 
 @dataclass
 class Hyperparameters:
-    model: str = "resnet50"  # ImageNet-pretrained; any timm CNN works
+    model: str = "resnet50.tv_in1k"  # torchvision's ImageNet weights, as in Levels 1 and 2; any timm CNN works
     epochs: int = 12
     batch_size: int = 64
     lr: float = 3e-4
     img_size: int = 224
     optimizer: str = "adamw"
     weight_decay: float = 1e-4
-    reduction: int = 16  # the SE bottleneck: C -> C/16 -> C
-    se_in_layer4: bool = False  # also put an SE block inside each block of the last stage (ResNet50's layer4)
+    label_smoothing: float = 0.0
+    fine_tune_scope: str = "last-stage"  # as in Level 2: the last stage trains with SE and head, or "all"
+    reduction: int = 16  # try 4 or 64: the SE bottleneck, C -> C/r -> C (smaller r: a bigger, stronger block)
+    se_in_layer4: bool = False  # try --se-in-layer4: an SE block inside each block of the last stage too
     augment: bool = True  # Level 2's per-image flip, 4-pixel-padded crop and colour jitter
     brightness: float = 0.2
     contrast: float = 0.2
@@ -70,12 +74,19 @@ class Hyperparameters:
     eval_batch_size: int = 256
 
 
+# --profile cpu: Level 2's CPU recipe exactly (EfficientNet-Lite0 fine-tuned in full at 128 px, 5 epochs), plus
+# the SE block: the one difference, so that the change against Level 2 measures the SE block. (lite0's blocks
+# already hold pretrained SE blocks of their own; ours sits on the final feature map, as with ResNet50.)
+CPU_PROFILE = dict(model="efficientnet_lite0", img_size=128, epochs=5, lr=1e-3, weight_decay=0.05,
+                   label_smoothing=0.1, fine_tune_scope="all")
+
 TITLE = "Level 3: SE attention and per-class analysis"
 APPROACH = "Backbone + Squeeze-and-Excitation + head, last stage fine-tuned"
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings, hp = parse_args(argv, Hyperparameters(), prog="level3_advanced.py", description=__doc__)
+    settings, hp = parse_args(argv, Hyperparameters(), prog="level3_advanced.py", description=__doc__,
+                              profiles=dict(cpu=CPU_PROFILE))
     run = LevelRun(3, TITLE, APPROACH, settings, hp)
     return run.execute(lambda: train_and_evaluate(run, settings, hp))
 
@@ -187,11 +198,11 @@ def count_se_blocks(model: nn.Module) -> int:
 
 
 def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
-    m = run.metrics
+    metrics = run.metrics
 
     # ------------------------------------------------------------------------------------------------------
     #                                              Setup
-    device, precision = run.setup(settings)  # seed, device, mixed precision (see common/training.py)
+    device = run.setup(settings)  # seeds, device, output folder check (see common/results.py)
 
     # ------------------------------------------------------------------------------------------------------
     #                                              Data
@@ -203,30 +214,34 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
                            reduction=hp.reduction)
     # Trains: the last stage (with its SE blocks, if any), the SE block on the final feature map, the new head.
     # The rest is frozen, BatchNorm statistics included, as in Level 2.
-    train_only(model, [*last_stage(model.backbone), model.se, zero_head(model)])
+    train_only(model, [*fine_tune_scope(model.backbone, hp.fine_tune_scope), model.se, zero_head(model)])
     model = model.to(device, memory_format=torch.channels_last)
+    check_input_size(model, hp.img_size, hp.model)
+    precision = run.precision_for(model)  # bf16 where the hardware has it and it is faster (common/training.py)
     se_blocks = [b for b in model.modules() if isinstance(b, SqueezeExcitation)]
     se_before = [p.detach().clone() for b in se_blocks for p in b.parameters()]
-    m.update(total_parameters=count_parameters(model),
+    metrics.update(total_parameters=count_parameters(model),
              trainable_parameters=count_parameters(model, trainable_only=True),
              head_parameters=count_parameters(model.get_classifier()),
              last_stage_parameters=sum(count_parameters(s) for s in last_stage(model.backbone)),
              se_blocks=len(se_blocks), se_parameters=sum(count_parameters(b) for b in se_blocks),
-             augmentation=augmentation_steps(hp) if hp.augment else [])
+             augmentation=augmentation_steps(hp) if hp.augment else [],
+             pretrained_tag=pretrained_tag(model.backbone) if settings.pretrained else None)
 
     # ------------------------------------------------------------------------------------------------------
     #                                              Train
     result = train(model, images, hp, epochs=hp.epochs, augmented=hp.augment, seed=settings.seed, device=device,
                    precision=precision, title=f"{TITLE} — {hp.model} + SE at {hp.img_size}px on "
-                                              f"{m['environment']['device']}", history=m["history"])
+                                              f"{metrics['environment']['device']}", history=metrics["history"],
+                   checkpoint=run.checkpoint("main"), on_epoch_end=run.epoch_done)
     se_after = [p.detach() for b in se_blocks for p in b.parameters()]
-    m.update(best_epoch=result.best_epoch, val_accuracy=result.best_val_accuracy, train_seconds=result.train_seconds,
+    metrics.update(best_epoch=result.best_epoch, val_accuracy=result.best_val_accuracy, train_seconds=result.train_seconds,
              se_trained=all(not torch.equal(a.cpu(), b.cpu()) for a, b in zip(se_before, se_after)))
 
     # ------------------------------------------------------------------------------------------------------
     #                                 Evaluate: the test set, once
-    test = evaluate(model, evaluation_batches(images, "test", model, hp), device, precision)
-    m.update(test_accuracy=test.accuracy, test_loss=test.loss, test_evaluations=1)
+    test = run.evaluate_test(model, evaluation_batches(images, "test", model, hp), device, precision)
+    metrics.update(test_accuracy=test.accuracy, test_loss=test.loss)
 
     # ------------------------------------------------------------------------------------------------------
     #                                 Report: class by class
@@ -236,31 +251,46 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
     classes = list(range(len(CLASSES)))
     precision_, recall, f1, support = precision_recall_fscore_support(truth, predicted, labels=classes,
                                                                       zero_division=0)
-    m["per_class"] = [dict(**{"class": name}, precision=float(p), recall=float(r), f1=float(f), support=int(n))
+    metrics["per_class"] = [dict(**{"class": name}, precision=float(p), recall=float(r), f1=float(f), support=int(n))
                       for name, p, r, f, n in zip(CLASSES, precision_, recall, f1, support)]
     counts = confusion_matrix(truth, predicted, labels=classes)
-    m["confusion_matrix"] = counts.tolist()  # rows: true class, columns: predicted class, in CLASSES order
+    metrics["confusion_matrix"] = counts.tolist()  # rows: true class, columns: predicted class, in CLASSES order
     report = classification_report(truth, predicted, labels=classes, target_names=CLASSES, digits=3, zero_division=0)
 
     write_text_atomic(run.path("per_class.csv"), "class,precision,recall,f1,support\n" + "".join(
-        f"{c['class']},{c['precision']:.4f},{c['recall']:.4f},{c['f1']:.4f},{c['support']}\n" for c in m["per_class"]))
+        f"{c['class']},{c['precision']:.4f},{c['recall']:.4f},{c['f1']:.4f},{c['support']}\n" for c in metrics["per_class"]))
     write_text_atomic(run.path("classification_report.txt"), report)
-    m["files"] = {key: run.path(f"{key}.{ext}").relative_to(run.out_dir).as_posix()
+    metrics["files"] = {key: run.path(f"{key}.{ext}").relative_to(run.out_dir).as_posix()
                   for key, ext in (("per_class", "csv"), ("classification_report", "txt"))}
-    run.add_figure("curves", plot_training_curves(m["history"], run.path("curves.png"),
-                                                  f"{TITLE} ({hp.model} + SE, {m['train_size']:,} images)"))
+    run.add_figure("curves", plot_training_curves(metrics["history"], run.path("curves.png"),
+                                                  f"{TITLE} ({hp.model} + SE, {metrics['train_size']:,} images)"))
     run.add_figure("confusion_matrix", plot_confusion_matrix(
         row_normalised(counts), CLASSES, run.path("confusion_matrix.png"),
-        f"Confusion matrix, {m['test_size']:,} test images ({hp.model} + SE)"))
+        f"Confusion matrix, {metrics['test_size']:,} test images ({hp.model} + SE)"))
 
-    level2_text, level2 = compare_with_level(2, m, run.out_dir)
-    m["findings"] = findings(m["per_class"], counts, m["test_size"])
-    m["findings"]["level2_comparison"] = level2
-    m["sections"] = [
-        dict(heading="Per-class results (test set)", markdown=per_class_table(m["per_class"])),
-        dict(heading="Findings", markdown=findings_text(m, level2_text)),
+    level2_text, level2 = compare_with_level(2, metrics, run.out_dir)
+    metrics["findings"] = findings(metrics["per_class"], counts, metrics["test_size"])
+    metrics["findings"]["level2_comparison"] = level2
+    metrics["sections"] = [
+        dict(heading="Per-class results (test set)", markdown=per_class_table(metrics["per_class"])),
+        dict(heading="Findings", markdown=findings_text(metrics, level2_text)),
         dict(heading="Classification report (scikit-learn)", markdown=f"```text\n{report.rstrip()}\n```"),
     ]
+    mean, std = model.pretrained_cfg.get("mean"), model.pretrained_cfg.get("std")
+    run.save_model(model.state_dict(), kind="se", model=hp.model, img_size=hp.img_size, mean=mean, std=std,
+                   reduction=hp.reduction, se_in_layer4=hp.se_in_layer4, pretrained_tag=metrics["pretrained_tag"])
+
+
+def bench_recipes(overrides: dict) -> list:
+    """What `python run.py bench` times for this level: backbone + SE, its trainable part, Level 2's augmentation."""
+    from common.bench import Recipe, train_part, with_overrides
+    from common.finetuning import crop_flip_jitter
+
+    hp = with_overrides(Hyperparameters(), overrides)
+    return [Recipe(3, "Level 3", hp.model + " + SE", hp.img_size, hp.batch_size, hp.eval_batch_size,
+                   f"{hp.fine_tune_scope} + SE + head", ", ".join(augmentation_steps(hp)),
+                   lambda: train_part(build_se_model(hp.model, False, None, num_classes=10), hp.fine_tune_scope),
+                   hp.optimizer, hp.lr, hp.weight_decay, augment=lambda x: crop_flip_jitter(x, hp))]
 
 
 def row_normalised(counts: np.ndarray) -> np.ndarray:
@@ -294,9 +324,9 @@ def per_class_table(per_class: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def findings_text(m: dict, level2_text: str) -> str:
+def findings_text(metrics: dict, level2_text: str) -> str:
     """The findings, as sentences written from the numbers."""
-    f = m["findings"]
+    f = metrics["findings"]
     n = f["images_per_class"]
 
     def cls(c: dict) -> str:
@@ -313,15 +343,15 @@ def findings_text(m: dict, level2_text: str) -> str:
             f"{p['pair'][0]}↔{p['pair'][1]} {100 * p['rate']:.1f}% ({100 * p['a_as_b']:.1f}% of {p['pair'][0]} "
             f"predicted as {p['pair'][1]}, {100 * p['b_as_a']:.1f}% the other way; {p['count']} images)"
             for p in f["confused_pairs"]) + ".",
-        "- The seed expects cat↔dog to be the most confused pair: " + (
+        "- The original assessment expects cat↔dog to be the most confused pair: " + (
             "so it is here." if f["cat_dog_rank"] == 1 else f"here it ranks {f['cat_dog_rank']} of 45."),
-        f"- Test accuracy {100 * m['test_accuracy']:.2f}% on {m['test_size']:,} images "
-        f"(± {100 * standard_error(m['test_accuracy'], m['test_size']):.2f} points, one standard error). "
+        f"- Test accuracy {100 * metrics['test_accuracy']:.2f}% on {metrics['test_size']:,} images "
+        f"(± {100 * standard_error(metrics['test_accuracy'], metrics['test_size']):.2f} points, one standard error). "
         + level2_text,
-        f"- The trained model holds {m['se_blocks']} SE block(s) ({m['se_parameters']:,} parameters"
-        f"{', trained' if m.get('se_trained') else ', unchanged by training'}).",
+        f"- The trained model holds {metrics['se_blocks']} SE block(s) ({metrics['se_parameters']:,} parameters"
+        f"{', trained' if metrics.get('se_trained') else ', unchanged by training'}).",
     ]
-    if m.get("quick"):
+    if metrics.get("quick"):
         lines.append("- Smoke run (`--quick`): small subsets, tiny images; the numbers show that the analysis "
                      "works, not what the architecture achieves.")
     return "\n".join(lines)

@@ -15,14 +15,35 @@ from common.training import (Precision, TensorBatches, fit, freeze, make_optimiz
 from conftest import run_cli
 
 
-@pytest.mark.parametrize("capability, expected", [((7, 5), Precision("fp16", torch.float16, True)),
-                                                  ((8, 0), Precision("bf16", torch.bfloat16, False)),
-                                                  ((9, 0), Precision("bf16", torch.bfloat16, False))])
-def test_precision_follows_compute_capability_not_is_bf16_supported(monkeypatch, capability, expected):
+@pytest.mark.parametrize("capability, name, scaler", [((7, 5), "fp16", True), ((8, 0), "bf16", False),
+                                                     ((9, 0), "bf16", False)])
+def test_gpu_precision_follows_compute_capability_not_is_bf16_supported(monkeypatch, capability, name, scaler):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # what a T4 answers
-    assert select_precision(torch.device("cuda")) == expected
-    assert select_precision(torch.device("cpu")) == Precision("fp32", None, False)
+    chosen = select_precision(torch.device("cuda"))
+    assert (chosen.name, chosen.inference_name, chosen.use_grad_scaler) == (name, name, scaler)
+    if capability < (8, 0):  # a T4 only emulates bf16: asking for it is refused with a message
+        with pytest.raises(training.SetupError, match="no bf16 units"):
+            select_precision(torch.device("cuda"), "bf16")
+
+
+def test_cpu_precision_uses_bf16_only_where_it_is_faster(monkeypatch):
+    cpu = torch.device("cpu")
+    depthwise = nn.Sequential(nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 4, 1))
+    plain = nn.Sequential(nn.Conv2d(8, 4, 3))
+    monkeypatch.setattr(training, "cpu_has_fast_bf16", lambda: True)
+    tuned = select_precision(cpu, "auto", depthwise)
+    assert (tuned.name, tuned.inference_name) == ("fp32", "bf16") and "depthwise" in tuned.reason
+    tuned = select_precision(cpu, "auto", plain)
+    assert (tuned.name, tuned.inference_name) == ("bf16", "bf16")
+    assert select_precision(cpu, "fp32", plain).inference_name == "fp32"
+    with pytest.raises(training.SetupError, match="needs a CUDA GPU"):
+        select_precision(cpu, "fp16")
+    monkeypatch.setattr(training, "cpu_has_fast_bf16", lambda: False)
+    slow = select_precision(cpu, "auto", plain)
+    assert (slow.name, slow.inference_name) == ("fp32", "fp32") and "no bf16 hardware" in slow.reason
+    with pytest.raises(training.SetupError, match="no bf16 hardware"):
+        select_precision(cpu, "bf16")
 
 
 @dataclasses.dataclass
@@ -112,3 +133,60 @@ def test_runner_help_lists_the_common_flags():
     for flag in ["--data-dir", "--out-dir", "--model", "--weights", "--no-pretrained", "--epochs", "--batch-size",
                  "--lr", "--img-size", "--seed", "--device", "--train-size", "--quick"]:
         assert flag in result.stdout, flag
+
+
+def _resumable_run(tmp_path, stop_in_epoch=None, resume=False):
+    """fit() on a small random problem whose every step draws random numbers (shuffle, dropout, a random
+    per-batch transform, numpy in the loss), with a checkpoint; optionally killed part-way through an epoch."""
+    import numpy as np
+
+    training.seed_everything(3)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.3), nn.ReLU(), nn.Linear(16, 3))
+    x, y = torch.randn(96, 6), torch.randint(0, 3, (96,))
+    val = TensorBatches(x[:32], y[:32], 16)
+    noisy = lambda b: b + 0.1 * torch.randn_like(b)  # noqa: E731  (draws from torch's global generator)
+
+    def loss_fn(logits, targets):  # draws from numpy's global generator, as timm's Mixup does
+        return nn.functional.cross_entropy(logits, targets) * float(np.random.uniform(0.9, 1.1))
+
+    optimizer = make_optimizer("adamw", model.parameters(), 1e-2)
+    batches = TensorBatches(x, y, 16, shuffle=True, seed=5, transform=noisy)
+    checkpoint = training.EpochCheckpoint(tmp_path / "ckpt.pt", dict(recipe=1), resume=resume)
+
+    class Killer(training.NullDisplay):
+        def advance(self, steps_done, images_per_second):
+            if self.epoch == stop_in_epoch:  # the first progress report of that epoch
+                raise KeyboardInterrupt  # stands in for SIGKILL: nothing after this point runs
+
+        def begin_epoch(self, epoch, steps):
+            self.epoch = epoch
+
+    result = fit(model, batches, val, epochs=4, optimizer=optimizer,
+                 scheduler=training.cosine_schedule(optimizer, 4 * len(batches)), loss_fn=loss_fn,
+                 device=torch.device("cpu"), precision=select_precision(torch.device("cpu"), "fp32"),
+                 display=Killer(), checkpoint=checkpoint)
+    return result, model
+
+
+def test_fit_resumed_after_a_kill_mid_epoch_ends_bit_identical(tmp_path):
+    straight, straight_model = _resumable_run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        _resumable_run(tmp_path / "b", stop_in_epoch=3)
+    stored = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    assert stored["epoch"] == 2  # the last finished epoch
+    resumed, resumed_model = _resumable_run(tmp_path / "b", resume=True)
+    untimed = lambda history: [{k: v for k, v in h.items() if k not in ("seconds", "images_per_second")}  # noqa: E731
+                               for h in history]
+    assert resumed.resumed_epochs == 2 and untimed(resumed.history) == untimed(straight.history)
+    assert resumed.best_epoch == straight.best_epoch
+    for a, b in zip(straight_model.state_dict().values(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b)
+    # without --resume nothing is read back: it starts over, and a different recipe is refused by name
+    fresh, _ = _resumable_run(tmp_path / "b", resume=False)
+    assert fresh.resumed_epochs == 0
+    other = training.EpochCheckpoint(tmp_path / "b" / "ckpt.pt", dict(recipe=2), resume=True)
+    with pytest.raises(training.SetupError, match="recipe: 1 there, 2 now"):
+        other.load()
+    (tmp_path / "b" / "ckpt.pt").write_bytes(b"truncated")
+    with pytest.raises(training.SetupError, match="cannot be read"):
+        other.load()

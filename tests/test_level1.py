@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -73,15 +74,15 @@ def test_summary_command_rebuilds_without_training(pretrained_vs_random):
 
 
 def test_cached_features_predict_exactly_what_the_live_backbone_predicts(cifar_dir, lite0_weights):
+    import contextlib
+
     from common.data import load_splits
     from common.models import create_model, normalization
-    from common.training import model_input, select_precision
+    from common.training import model_input
     from levels.level1_baseline import extract_features
-    from common.training import NullDisplay  # noqa: F401
 
     class Quiet:
         def task(self, *a):
-            import contextlib
             return contextlib.nullcontext(lambda n=1: None)
 
     splits = load_splits(cifar_dir, train_size=100, val_size=100, test_size=100)
@@ -89,9 +90,8 @@ def test_cached_features_predict_exactly_what_the_live_backbone_predicts(cifar_d
     torch.nn.init.normal_(model.get_classifier().weight, std=0.05)  # a head that is not all zeros
     mean, std = normalization(model)
     to_input = lambda x: model_input(x, 64, mean, std)  # noqa: E731
-    cpu = torch.device("cpu")
-    features = extract_features(model, splits.test.images, splits.test.labels, to_input, 32, cpu,
-                                select_precision(cpu), Quiet(), "test")
+    backbone = lambda x: model.forward_head(model.forward_features(to_input(x)), pre_logits=True)  # noqa: E731
+    features = extract_features(splits.test.images, splits.test.labels, backbone, 32, Quiet(), "test")
     with torch.no_grad():
         live = model(to_input(splits.test.images))
         cached = model.get_classifier()(features)
@@ -158,3 +158,107 @@ def test_ctrl_c_writes_what_was_measured_as_interrupted(cifar_dir, lite0_weights
     assert m["status"] == "interrupted" and 1 <= len(m["history"]) < 50 and m["test_accuracy"] is None
     assert not list(tmp_path.rglob("*.partial"))
     assert "interrupted" in (tmp_path / "summary.md").read_text()
+
+
+def _untimed(history):
+    return [{k: v for k, v in h.items() if k not in ("seconds", "images_per_second")} for h in history]
+
+
+def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(cifar_dir, lite0_weights, tmp_path):
+    """A run killed outright (SIGKILL: no handler runs) mid-epoch shows as interrupted, and --resume finishes it
+    with the same history and test accuracy, to the bit, as a run that was never stopped."""
+    flags = ["levels/level1_baseline.py", "--quick", "--model", "efficientnet_lite0", "--weights", str(lite0_weights),
+             "--no-cache-features", "--epochs", "4", "--train-size", "320", "--val-size", "100", "--test-size", "100",
+             "--batch-size", "16", "--data-dir", str(cifar_dir)]
+    straight = run_cli(*flags, "--out-dir", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stdout + straight.stderr
+    proc = subprocess.Popen([sys.executable, *flags, "--out-dir", str(tmp_path / "killed")], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if line.startswith("epoch 2/4"):
+            break
+    time.sleep(0.5)  # into epoch 3
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    killed = json.loads((tmp_path / "killed" / "level1" / "metrics.json").read_text())
+    assert killed["status"] == "running" and len(killed["history"]) == 2  # what the killed process left
+    summary = run_cli("run.py", "summary", "--out-dir", str(tmp_path / "killed"), timeout=60)
+    assert summary.returncode == 0
+    row = next(line for line in (tmp_path / "killed" / "summary.md").read_text().splitlines()
+               if line.startswith("| 1 |"))
+    assert "interrupted after 2 of 4 epoch(s)" in row and "not run" not in row
+
+    resumed = run_cli(*flags, "--out-dir", str(tmp_path / "killed"), "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    a = json.loads((tmp_path / "straight" / "level1" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "killed" / "level1" / "metrics.json").read_text())
+    assert b["status"] == "complete" and _untimed(a["history"]) == _untimed(b["history"])
+    assert a["test_accuracy"] == b["test_accuracy"] and a["best_epoch"] == b["best_epoch"]
+    assert not (tmp_path / "killed" / "level1" / "checkpoints").exists()  # removed on success
+    saved = torch.load(tmp_path / "killed" / "level1" / "model.pt", weights_only=True)
+    assert saved["model"] == "efficientnet_lite0" and saved["img_size"] == 64 and len(saved["classes"]) == 10
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--train-size", "0"], "--train-size 0"), (["--train-size", "-5"], "--train-size -5"),
+    (["--train-size", "40001"], "at most the 40,000"), (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"), (["--profile", "gpu"], "unknown --profile 'gpu'"),
+    (["--precision", "fp16"], "needs a CUDA GPU"), (["--model", "resnet5O"], "Closest timm names: resnet50"),
+    (["--img-size", "2"], "--img-size 2 is too small"),
+])
+def test_bad_input_gets_a_message_exit_2_and_overwrites_nothing(cifar_dir, lite0_weights, tmp_path, flags, message):
+    (tmp_path / "level1").mkdir()
+    earlier = tmp_path / "level1" / "metrics.json"
+    earlier.write_text('{"status": "complete"}')
+    weights = [] if "--model" in flags else ["--weights", str(lite0_weights), "--model", "efficientnet_lite0"]
+    result = run_cli("levels/level1_baseline.py", "--quick", *weights, *flags, "--data-dir", str(cifar_dir),
+                     "--out-dir", str(tmp_path), "--no-pretrained" if "--model" in flags else "--seed", *(
+                         [] if "--model" in flags else ["1"]), timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and message in output and "Traceback" not in output, output
+    assert earlier.read_text() == '{"status": "complete"}'
+
+
+def test_resume_refuses_a_corrupt_checkpoint_and_says_so_when_there_is_none(cifar_dir, lite0_weights, tmp_path):
+    flags = ["levels/level1_baseline.py", "--quick", "--model", "efficientnet_lite0", "--weights", str(lite0_weights),
+             "--epochs", "1", "--train-size", "100", "--val-size", "50", "--test-size", "50", "--img-size", "32",
+             "--data-dir", str(cifar_dir), "--out-dir", str(tmp_path)]
+    fresh = run_cli(*flags, "--resume")
+    assert fresh.returncode == 0 and "nothing saved yet" in fresh.stdout
+    checkpoints = tmp_path / "level1" / "checkpoints"
+    checkpoints.mkdir()
+    (checkpoints / "head.pt").write_bytes(b"\x00 half a file")
+    corrupt = run_cli(*flags, "--resume")
+    assert corrupt.returncode == 2 and "cannot be read" in corrupt.stdout and "Traceback" not in corrupt.stderr
+
+
+def test_unwritable_out_dir_is_named(cifar_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = run_cli("levels/level1_baseline.py", "--quick", "--no-pretrained", "--model", "efficientnet_lite0",
+                     "--data-dir", str(cifar_dir), "--out-dir", str(blocker / "out"))
+    assert result.returncode == 2 and "--out-dir" in result.stdout and str(blocker) in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_the_test_set_is_evaluated_exactly_once_after_training(cifar_dir, lite0_weights, tmp_path, monkeypatch):
+    """Count the real evaluations of the test split (300 images; validation has 200), in process."""
+    from common import training
+    from levels import level1_baseline
+
+    calls, real = [], training.evaluate
+
+    def spy(model, batches, device, precision):
+        calls.append(len(batches.labels))
+        return real(model, batches, device, precision)
+
+    monkeypatch.setattr(training, "evaluate", spy)
+    monkeypatch.setattr(level1_baseline, "evaluate", spy)
+    code = level1_baseline.main(["--quick", "--model", "efficientnet_lite0", "--weights", str(lite0_weights),
+                                 "--epochs", "3", "--img-size", "32", "--train-size", "400", "--val-size", "200",
+                                 "--test-size", "300", "--data-dir", str(cifar_dir), "--out-dir", str(tmp_path)])
+    assert code == 0
+    assert calls == [200, 200, 200, 300]  # validation after each epoch, then the test set once, at the end
+    m = json.loads((tmp_path / "level1" / "metrics.json").read_text())
+    assert m["test_evaluations"] == 1

@@ -12,7 +12,9 @@ import torchvision.transforms.v2.functional as TF
 import common.augment
 from common.augment import adjust_colors, color_jitter
 from conftest import run_cli
-from levels.level2_intermediate import ARMS, Arm, Hyperparameters, augment, build_model, difference, train
+from common.finetuning import crop_flip_jitter, train
+from common.stats import difference
+from levels.level2_intermediate import ARMS, Arm, Hyperparameters, build_model
 
 # ----------------------------------------------------------------------------------------------------------
 # Augmentation
@@ -50,7 +52,7 @@ def test_color_jitter_draws_its_own_factors_for_every_image(monkeypatch):
 def test_the_level2_pipeline_changes_each_copy_of_an_image_differently():
     torch.manual_seed(1)
     batch = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8).repeat(128, 1, 1, 1)
-    out = augment(batch, Hyperparameters())
+    out = crop_flip_jitter(batch, Hyperparameters())
     assert out.shape == batch.shape and out.dtype == torch.uint8
     assert len({img.numpy().tobytes() for img in out}) == 128
     # brightness alone: each image is its own multiple of the original (up to rounding and clipping)

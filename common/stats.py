@@ -1,0 +1,54 @@
+"""Is a difference between two accuracies real? Standard errors and the "within noise" verdict.
+
+An accuracy measured on n images is a proportion, with a standard error of sqrt(p(1 - p) / n): on 10,000
+test images, 90% carries ± 0.3 points. Levels 2 to 4 compare configurations and levels with this, and say
+"within noise" rather than rank two numbers that the test set cannot tell apart.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from common.records import load_metrics
+
+
+def standard_error(accuracy: float, n: int) -> float:
+    """One standard error of an accuracy measured on n images: sqrt(p(1 - p) / n)."""
+    return math.sqrt(accuracy * (1 - accuracy) / max(n, 1))
+
+
+def difference(new: float, old: float, n_new: int, n_old: int) -> dict:
+    """new - old in points, with the standard error of that difference (the two measurements taken as
+    independent); beyond noise when it is more than two standard errors."""
+    se = math.hypot(standard_error(new, n_new), standard_error(old, n_old))
+    return dict(points=100 * (new - old), standard_error_points=100 * se, beyond_noise=abs(new - old) > 2 * se)
+
+
+def describe(d: dict) -> str:
+    verdict = "beyond noise" if d["beyond_noise"] else "within noise"
+    return (f"{d['points']:+.2f} points ({verdict}; one standard error of the difference: "
+            f"{d['standard_error_points']:.2f})")
+
+
+def compare_with_level(level: int, metrics: dict, out_dir: Path) -> tuple[str, dict | None]:
+    """A sentence comparing this run's test accuracy with an earlier level's, from that level's metrics.json
+    in the same output folder, naming what makes the two runs not like for like."""
+    earlier = load_metrics(out_dir).get(level)
+    if not earlier or earlier.get("status") != "complete" or earlier.get("test_accuracy") is None:
+        return (f"Level {level} has no completed run in `{out_dir}`: run it (`python run.py level {level}` with the "
+                f"same flags) to see the change against it.", None)
+    d = difference(metrics["test_accuracy"], earlier["test_accuracy"], metrics["test_size"], earlier["test_size"])
+    ours, theirs = metrics["config"], earlier.get("config", {})
+    unlike = [f"{key} {theirs.get(key)} there, {ours.get(key)} here"
+              for key in ("model", "img_size", "weights", "pretrained") if theirs.get(key) != ours.get(key)]
+    unlike += [f"{key} {earlier.get(key)} there, {metrics.get(key)} here"
+               for key in ("train_size", "test_size", "quick") if earlier.get(key) != metrics.get(key)]
+    if "augmentation" in earlier and bool(earlier["augmentation"]) != bool(metrics.get("augmentation")):
+        unlike.append(f"{'with' if earlier['augmentation'] else 'without'} augmentation there, "
+                      f"{'with' if metrics.get('augmentation') else 'without'} here")
+    text = (f"Against Level {level} ({100 * earlier['test_accuracy']:.2f}% on {earlier['test_size']:,} test images): "
+            f"{describe(d)}.")
+    if unlike:
+        text += " Not a like-for-like comparison: " + "; ".join(unlike) + "."
+    return text, dict(level=level, test_accuracy=earlier["test_accuracy"], like_for_like=not unlike, **d)
