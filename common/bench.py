@@ -315,11 +315,33 @@ def measure_evaluation(recipe: Recipe, model: nn.Module, data: dict, device, pre
     return statistics.median(rates)
 
 
-def bench_recipe(recipe: Recipe, data: dict, device, precision, steps: int, repeats: int, compile: bool) -> dict:
+def compare_cpu_precisions(recipe: Recipe, model: nn.Module, data: dict, device, steps: int, repeats: int) -> dict:
+    """On a CPU with bf16 hardware: training and evaluation speed in fp32 and in bf16, the evidence behind
+    --precision auto's choice for this recipe's model."""
+    from common.training import Precision
+
+    speeds = {}
+    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        precision = Precision(name, dtype, False, dtype, "bench")
+        trained = measure_training(recipe, model, data, device, precision, steps, repeats)
+        speeds[name] = dict(train_images_per_second=trained["train_images_per_second"],
+                            eval_images_per_second=measure_evaluation(recipe, model, data, device, precision,
+                                                                      steps * recipe.batch_size, repeats))
+    speeds["bf16_train_speedup"] = speeds["bf16"]["train_images_per_second"] / speeds["fp32"]["train_images_per_second"]
+    speeds["bf16_eval_speedup"] = speeds["bf16"]["eval_images_per_second"] / speeds["fp32"]["eval_images_per_second"]
+    return speeds
+
+
+def bench_recipe(recipe: Recipe, data: dict, device, precision_flag: str, steps: int, repeats: int,
+                 compile: bool) -> dict:
+    from common.training import cpu_has_fast_bf16
+
     torch.manual_seed(0)
     model = recipe.build().to(device, memory_format=torch.channels_last)
+    precision = select_precision(device, precision_flag, model)  # what the level itself would choose
     row = dict(level=recipe.level, name=recipe.name, model=recipe.model, img_size=recipe.img_size,
                batch_size=recipe.batch_size, trainable=recipe.trainable, augmentation=recipe.augmentation,
+               precision=precision.record(),
                trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
                total_parameters=sum(p.numel() for p in model.parameters()))
     eager = measure_training(recipe, model, data, device, precision, steps, repeats)
@@ -333,6 +355,9 @@ def bench_recipe(recipe: Recipe, data: dict, device, precision, steps: int, repe
     row["peak_flops_per_second"] = peak
     row["fraction_of_peak"] = row["achieved_flops_per_second"] / peak if peak else None
     row["peak_host_memory_bytes"] = peak_host_memory()
+    row["cpu_precisions"] = None
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        row["cpu_precisions"] = compare_cpu_precisions(recipe, model, data, device, steps, repeats)
     row["compiled"] = None
     if compile:
         compiled = measure_training(recipe, torch.compile(model), data, device, precision, steps, repeats)
@@ -389,7 +414,7 @@ def run_bench(recipe_sources: dict, level1_main: Callable | None = None, quick: 
               data_dir: str | None = None, out_dir: str = "outputs", device: str = "auto", compile: bool = False,
               levels: list[int] | None = None, model: str | None = None, img_size: int | None = None,
               batch_size: int | None = None, steps: int | None = None, repeats: int | None = None,
-              level1_comparison: bool = True) -> int:
+              level1_comparison: bool = True, precision_flag: str = "auto") -> int:
     """The benchmark. `recipe_sources` maps each level to its bench_recipes function (or to the reason it has
     none); the runner, which knows the levels, collects them, so that common/ never imports a level."""
     from common.data import DataError
@@ -404,7 +429,7 @@ def run_bench(recipe_sources: dict, level1_main: Callable | None = None, quick: 
     overrides = dict(model=model, img_size=profile["img_size"], batch_size=batch_size)
     try:
         dev = select_device(device)
-        precision = select_precision(dev)
+        precision = select_precision(dev, precision_flag)
         configure_backends(dev)
         recipes, skipped = collect_recipes(recipe_sources, levels or list(LEVEL_NUMBERS), overrides)
 
@@ -432,7 +457,7 @@ def run_bench(recipe_sources: dict, level1_main: Callable | None = None, quick: 
     for recipe in recipes:
         console.print(f"{recipe.name}: {recipe.model} at {recipe.img_size} px, batch {recipe.batch_size} ...",
                       highlight=False)
-        report["recipes"].append(bench_recipe(recipe, data, dev, precision, profile["steps"], profile["repeats"],
+        report["recipes"].append(bench_recipe(recipe, data, dev, precision_flag, profile["steps"], profile["repeats"],
                                               compile))
     if level1_comparison and any(r.level == 1 for r in recipes):
         level1_img = next(r.img_size for r in recipes if r.level == 1)
@@ -540,6 +565,20 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {r['name']} | {r['train_images_per_second']:,.1f} | {c['train_images_per_second']:,.1f}"
                          f" | {c['speedup_over_eager']:.2f}x | {c['pipeline_overhead']:.3f} | "
                          f"{c['compile_and_warmup_seconds']:.0f} s |")
+    precisions = [r for r in report["recipes"] if r.get("cpu_precisions")]
+    if precisions:
+        lines += ["", "## CPU: fp32 against bf16", "",
+                  "The same recipe in fp32 and under bf16 autocast (images per second; the median of the turns). "
+                  "`--precision auto` uses bf16 for inference on a CPU with bf16 hardware, and for training only "
+                  "where it is faster (not for models with depthwise convolutions).", "",
+                  "| recipe | train fp32 | train bf16 | bf16 / fp32 | eval fp32 | eval bf16 | bf16 / fp32 | auto chose |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in precisions:
+            c, chosen = r["cpu_precisions"], r["precision"]
+            lines.append(f"| {r['name']} | {c['fp32']['train_images_per_second']:,.1f} | "
+                         f"{c['bf16']['train_images_per_second']:,.1f} | {c['bf16_train_speedup']:.2f}x | "
+                         f"{c['fp32']['eval_images_per_second']:,.1f} | {c['bf16']['eval_images_per_second']:,.1f} | "
+                         f"{c['bf16_eval_speedup']:.2f}x | train {chosen['train']}, inference {chosen['inference']} |")
     l1 = report["level1_cache"]
     if l1:
         lines += ["", "## Level 1: cached features against the backbone every epoch", "",
@@ -547,7 +586,7 @@ def render_markdown(report: dict) -> str:
                   f"{l1['train_size']:,} / {l1['val_size']:,} / {l1['test_size']:,} train / validation / test "
                   f"images), features (when cached), training, validation and the test evaluation: "
                   f"**{l1['cached_seconds']:.1f} s** with cached features, **{l1['recompute_seconds']:.1f} s** "
-                  f"running the frozen backbone every epoch (the seed's way): **{l1['speedup']:.2f}x**."]
+                  f"running the frozen backbone every epoch (the original assessment's way): **{l1['speedup']:.2f}x**."]
     host = report["host"]
     lines += ["", "## Memory", "",
               f"- Host: the data (all 60,000 images, uint8) takes {host['data_bytes'] / 1e6:.0f} MB; peak resident "
@@ -576,6 +615,12 @@ def _print_table(report: dict) -> None:
     for row in _rows(report):
         table.add_row(*(row[i] for i in shown))
     console.print(table)
+    for r in report["recipes"]:
+        if r.get("cpu_precisions"):
+            c = r["cpu_precisions"]
+            console.print(f"{r['name']}, bf16 against fp32 on this CPU: training {c['bf16_train_speedup']:.2f}x, "
+                          f"evaluation {c['bf16_eval_speedup']:.2f}x; auto chose training {r['precision']['train']}, "
+                          f"inference {r['precision']['inference']}", highlight=False)
     l1 = report["level1_cache"]
     if l1:
         console.print(f"Level 1, {l1['epochs']} epochs end to end: cached features {l1['cached_seconds']:.1f} s, "

@@ -259,18 +259,23 @@ def stratified_subset(labels: np.ndarray, size: int | None, seed: int = SPLIT_SE
     return np.sort(subset)
 
 
+def split_indices(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed train/validation split of the official training set: sorted indices, stratified, seed 42."""
+    from sklearn.model_selection import train_test_split
+
+    train_idx, val_idx = train_test_split(np.arange(len(labels)), test_size=VAL_SIZE, stratify=labels,
+                                          random_state=SPLIT_SEED)
+    return np.sort(train_idx), np.sort(val_idx)
+
+
 def make_splits(arrays: dict[str, np.ndarray], source: str = "", train_size: int | None = None,
                 val_size: int | None = None, test_size: int | None = None) -> CifarSplits:
     """40,000 train / 10,000 validation drawn stratified from the official training set, plus the official test set.
 
     The sizes shrink those splits to stratified subsets (the --train-size flag, and the --quick profile).
     """
-    from sklearn.model_selection import train_test_split
-
     labels = arrays["train_labels"]
-    train_idx, val_idx = train_test_split(np.arange(len(labels)), test_size=VAL_SIZE, stratify=labels,
-                                          random_state=SPLIT_SEED)
-    train_idx, val_idx = np.sort(train_idx), np.sort(val_idx)
+    train_idx, val_idx = split_indices(labels)
     train_idx = train_idx[stratified_subset(labels[train_idx], train_size)]
     val_idx = val_idx[stratified_subset(labels[val_idx], val_size)]
     test_idx = stratified_subset(arrays["test_labels"], test_size)

@@ -1,5 +1,10 @@
-"""Live progress: a rich table with a row per epoch and a progress bar inside the epoch, in a terminal;
-one plain line per epoch when stdout is not a terminal (CI, a log file)."""
+"""Live progress: a rich table with a row per epoch and a progress bar inside the epoch, in a terminal.
+
+When stdout is not a terminal (a log file, `| tee`, CI, nohup) there is nothing to redraw, so each epoch ends
+with one plain line starting "epoch N/M", and inside every long phase (feature extraction, an epoch,
+prediction) an indented progress line is printed every 10% of the phase or every 30 seconds, whichever comes
+first (never more than one every 2 seconds), so a log always shows that the run is alive and how far it is.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +29,25 @@ def _format_row(s: EpochStats) -> list[str]:
             f"{s.val_accuracy:.2%}", f"{s.lr:.2e}", f"{s.images_per_second:,.0f}", f"{s.seconds:.1f}s"]
 
 
+class PlainProgress:
+    """Progress lines for a log: at each further 10% of a phase, or after 30 s without a line; at most one per 2 s."""
+
+    STEP, QUIET_AT_MOST, SILENT_AT_MOST = 0.10, 30.0, 2.0
+
+    def __init__(self, description: str, total: int):
+        self.description, self.total = description, max(total, 1)
+        self.started = self.last_time = time.perf_counter()
+        self.last_fraction = 0.0
+
+    def update(self, done: int, detail: str = "") -> None:
+        now, fraction = time.perf_counter(), done / self.total
+        due = fraction - self.last_fraction >= self.STEP or now - self.last_time >= self.QUIET_AT_MOST
+        if due and now - self.last_time >= self.SILENT_AT_MOST and done < self.total:
+            console.print(f"  {self.description}: {fraction:.0%} ({done:,}/{self.total:,}){detail}, "
+                          f"{now - self.started:.0f}s elapsed", highlight=False)
+            self.last_time, self.last_fraction = now, fraction
+
+
 class TrainingDisplay:
     """Shows one training run (a level, or one ensemble member). Use as a context manager."""
 
@@ -38,6 +62,7 @@ class TrainingDisplay:
                                  TextColumn("{task.fields[speed]}"), TimeElapsedColumn(), TextColumn("ETA"),
                                  TimeRemainingColumn(), console=console)
         self.epoch_task = None
+        self.plain: PlainProgress | None = None
         self.live = Live(get_renderable=self._render, console=console, refresh_per_second=4) if self.live_mode else None
 
     def _render(self):
@@ -72,9 +97,12 @@ class TrainingDisplay:
         if self.epoch_task is not None:
             self.progress.remove_task(self.epoch_task)
         self.epoch_task = self.progress.add_task(f"epoch {epoch}/{self.epochs}", total=steps, speed="")
+        self.plain = None if self.live else PlainProgress(f"epoch {epoch}/{self.epochs}", steps)
 
     def advance(self, steps_done: int, images_per_second: float) -> None:
         self.progress.update(self.epoch_task, completed=steps_done, speed=f"{images_per_second:,.0f} img/s")
+        if self.plain is not None:
+            self.plain.update(steps_done, f" steps, {images_per_second:,.0f} img/s")
 
     def end_epoch(self, stats: EpochStats) -> None:
         self.rows.append(stats)
@@ -85,12 +113,24 @@ class TrainingDisplay:
 
     # -- other long steps (feature extraction, evaluation)
     @contextmanager
-    def task(self, description: str, total: int):
-        """A progress bar for a step that is not an epoch; yields advance(n)."""
+    def task(self, description: str, total: int, announce: bool = True):
+        """A progress bar for a step that is not an epoch; yields advance(n). `announce`: a line when it is done."""
         start = time.perf_counter()
         task_id = self.progress.add_task(description, total=total, speed="")
-        yield lambda n=1: self.progress.advance(task_id, n)
+        plain = None if self.live else PlainProgress(description, total)
+        done = 0
+
+        def advance(n: int = 1) -> None:
+            nonlocal done
+            done += n
+            self.progress.advance(task_id, n)
+            if plain is not None:
+                plain.update(done, " batches")
+
+        yield advance
         self.progress.remove_task(task_id)
+        if not announce:
+            return
         message = f"{description}: {total:,} done in {time.perf_counter() - start:.1f}s"
         if self.live:
             self.live.console.print(message, highlight=False)

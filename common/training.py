@@ -395,16 +395,24 @@ def train_one_epoch(model: nn.Module, batches, optimizer, scheduler, loss_fn, de
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, device: torch.device, precision: Precision) -> Evaluation:
+def evaluate(model: nn.Module, batches, device: torch.device, precision: Precision, display=None,
+             label: str = "validation") -> Evaluation:
     """Loss, accuracy and the logits of every image. Under torchrun the processes split the images and every
-    process gets all the logits back, in order: the same Evaluation everywhere."""
+    process gets all the logits back, in order: the same Evaluation everywhere. With `display`, a progress bar
+    (and progress lines in a log)."""
+    import contextlib
+
     model.eval()
     share = process_share(batches)
     all_logits, all_labels = [], []
-    for x, y in share:
-        with autocast(device, precision):
-            all_logits.append(model(x).float())
-        all_labels.append(y)
+    progress = display.task(label, len(share), announce=False) if display is not None and hasattr(display, "task") \
+        else contextlib.nullcontext(lambda n=1: None)
+    with progress as advance:
+        for x, y in share:
+            with autocast(device, precision):
+                all_logits.append(model(x).float())
+            all_labels.append(y)
+            advance()
     logits, labels = torch.cat(all_logits), torch.cat(all_labels)
     if share is not batches:
         logits, labels = (distributed.gather_in_order(t) for t in (logits, labels))
@@ -565,7 +573,7 @@ def fit(model: nn.Module, train_batches, val_batches, *, epochs: int, optimizer,
         display.begin_epoch(epoch, len(train_batches))
         train_loss, train_acc, seen, seconds = train_one_epoch(
             trained, train_batches, optimizer, scheduler, loss_fn, device, precision, scaler, mix, display)
-        val = evaluate(model, val_batches, device, precision)
+        val = evaluate(model, val_batches, device, precision, display=display)
         stats = EpochStats(epoch, train_loss, train_acc, val.loss, val.accuracy, lr, seen / seconds, seconds)
         result.history.append(stats.__dict__.copy())
         result.train_seconds += seconds

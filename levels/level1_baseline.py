@@ -173,7 +173,7 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
                 display.advance(step, seen / (time.perf_counter() - epoch_start))
             check_finite(loss_sum, f"epoch {epoch}")  # NaN or infinite: stop, nothing after it would mean anything
             seconds = time.perf_counter() - epoch_start
-            val = evaluate(head, val_batches, device, precision)  # no gradients, eval mode, every image once
+            val = evaluate(head, val_batches, device, precision, display)  # no gradients, eval mode, every image
             stats = EpochStats(epoch, loss_sum / seen, correct / seen, val.loss, val.accuracy, lr, seen / seconds,
                                seconds)
             metrics["history"].append(dataclasses.asdict(stats))

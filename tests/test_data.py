@@ -53,6 +53,21 @@ def test_splits_are_stratified_disjoint_and_fixed(full):
     assert np.array_equal(again.val.images.numpy(), splits.val.images.numpy())
 
 
+# sha256 of the validation indices (int64) of the seed-42 split of the shared JPEG copy's 50,000 training images,
+# in the image folder's order. If this changes, every level's validation set changed: results are not comparable.
+PINNED_VALIDATION_INDICES = "15574faef132486a04353f93f057006979096d58769056dccb69d063819a2bc6"
+
+
+def test_the_split_is_pinned(full):
+    import hashlib
+
+    from common.data import split_indices
+
+    train_idx, val_idx = split_indices(full["train_labels"])
+    assert hashlib.sha256(val_idx.astype(np.int64).tobytes()).hexdigest() == PINNED_VALIDATION_INDICES
+    assert len(np.intersect1d(train_idx, val_idx)) == 0 and len(train_idx) + len(val_idx) == 50_000
+
+
 def test_subsets_are_stratified_subsets_of_the_splits(full):
     whole, small = make_splits(full), make_splits(full, train_size=2000, val_size=500, test_size=1000)
     assert (len(small.train), len(small.val), len(small.test)) == (2000, 500, 1000)

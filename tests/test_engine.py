@@ -106,7 +106,7 @@ def test_fit_keeps_the_epoch_with_the_best_validation_accuracy(monkeypatch):
     accuracies = iter([0.5, 0.9, 0.7])
     snapshots = []
 
-    def fake_evaluate(m, batches, device, precision):
+    def fake_evaluate(m, batches, device, precision, **display):
         snapshots.append(m.weight.detach().clone())
         return training.Evaluation(1.0, next(accuracies), torch.zeros(1, 2), torch.zeros(1))
 

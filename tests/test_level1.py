@@ -249,9 +249,9 @@ def test_the_test_set_is_evaluated_exactly_once_after_training(cifar_dir, lite0_
 
     calls, real = [], training.evaluate
 
-    def spy(model, batches, device, precision):
+    def spy(model, batches, device, precision, *display):
         calls.append(len(batches.labels))
-        return real(model, batches, device, precision)
+        return real(model, batches, device, precision, *display)
 
     monkeypatch.setattr(training, "evaluate", spy)
     monkeypatch.setattr(level1_baseline, "evaluate", spy)
