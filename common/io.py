@@ -45,6 +45,19 @@ def write_json_atomic(path: Path, data: dict) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
+def save_npz_atomic(path: Path, **arrays) -> Path:
+    """numpy arrays, compressed, as one .npz file (under torchrun rank 0 writes it)."""
+    import numpy as np
+
+    from common.distributed import is_main_process
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would otherwise append ".npz" to the temporary name
+            np.savez_compressed(f, **arrays)
+
+    return _write_atomic(path, write) if is_main_process() else Path(path)
+
+
 def torch_save_atomic(path: Path, obj) -> Path:
     import torch
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from common.io import save_figure  # noqa: E402
+from common.io import save_figure
 
 
 def plot_training_curves(history: list[dict], path: Path, title: str) -> Path:
@@ -117,4 +117,91 @@ def plot_reliability(curves: dict[str, dict], path: Path, title: str) -> Path:
     ax.legend(loc="upper left", fontsize=8)
     hist.set(xlabel="confidence (top-class probability)", ylabel="images")
     hist.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Looking at images: what augmentation does, what the model gets most wrong, where it looks
+
+
+def _show(ax, image) -> None:
+    """A uint8 3 x 32 x 32 image (tensor or array), without axes."""
+    import numpy as np
+
+    ax.imshow(np.asarray(image).transpose(1, 2, 0), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_augmentation(originals, views, class_names: list[str], steps: list[str], path: Path, title: str) -> Path:
+    """Each original (uint8 N x 3 x 32 x 32) in the first column, then its views (uint8 N x V x 3 x 32 x 32):
+    what the augmentation function drew for it. `steps` names the transforms, in order."""
+    n, v = views.shape[0], views.shape[1]
+    fig, axes = plt.subplots(n, v + 1, figsize=(1.35 * (v + 1), 1.45 * n + 1.0), squeeze=False)
+    for i in range(n):
+        _show(axes[i][0], originals[i])
+        axes[i][0].set_ylabel(class_names[i], fontsize=9)
+        for j in range(v):
+            _show(axes[i][j + 1], views[i][j])
+    axes[0][0].set_title("original", fontsize=9)
+    for j in range(v):
+        axes[0][j + 1].set_title(f"view {j + 1}", fontsize=9)
+    fig.suptitle(title + "\n" + "  →  ".join(steps), fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_top_losses(images, true_names: list[str], predicted_names: list[str], probabilities: list[float],
+                    losses: list[float], path: Path, title: str, columns: int = 4) -> Path:
+    """Test images with the highest loss, each titled: true class, predicted class and its probability, loss."""
+    n = len(true_names)
+    rows = -(-n // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.3 * columns, 2.55 * rows + 0.6), squeeze=False)
+    for k, ax in enumerate(ax for row in axes for ax in row):
+        if k >= n:
+            ax.axis("off")
+            continue
+        _show(ax, images[k])
+        ax.set_title(f"true: {true_names[k]}\npredicted: {predicted_names[k]} ({100 * probabilities[k]:.0f}%)\n"
+                     f"loss {losses[k]:.2f}", fontsize=8, color="tab:red" if true_names[k] != predicted_names[k]
+                     else "black")
+    fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+def plot_se_gates(class_means, channels: list[int], class_names: list[str], path: Path, title: str) -> Path:
+    """A heatmap: classes x channels, each cell the mean SE gate of that channel over the class's images."""
+    import numpy as np
+
+    means = np.asarray(class_means)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(channels) + 2.5), 4.6))
+    image = ax.imshow(means, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02, label="mean gate (0: channel switched off, 1: kept)")
+    ax.set_xticks(range(len(channels)), [str(c) for c in channels], rotation=90, fontsize=7)
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set(xlabel="channel of the final feature map (ordered by how much its mean gate differs between classes)",
+           title=title)
+    return save_figure(fig, path)
+
+
+def plot_gradcam(images, maps, titles: list[str], correct: list[bool], path: Path, title: str,
+                 columns: int = 4) -> Path:
+    """Each image (uint8 N x 3 x 32 x 32) next to its Grad-CAM map (N x 32 x 32 in [0, 1]) laid over it.
+    Titles of correct predictions are green, of wrong ones red."""
+    import numpy as np
+
+    n = len(titles)
+    rows = -(-n // columns)
+    fig, axes = plt.subplots(rows, 2 * columns, figsize=(2.0 * 2 * columns, 2.3 * rows + 0.6), squeeze=False)
+    for k in range(rows * columns):
+        image_ax, map_ax = axes[k // columns][2 * (k % columns)], axes[k // columns][2 * (k % columns) + 1]
+        if k >= n:
+            image_ax.axis("off")
+            map_ax.axis("off")
+            continue
+        _show(image_ax, images[k])
+        _show(map_ax, images[k])
+        map_ax.imshow(np.asarray(maps[k]), cmap="jet", alpha=0.5, vmin=0, vmax=1, interpolation="bilinear")
+        image_ax.set_title(titles[k], fontsize=8, color="tab:green" if correct[k] else "tab:red", loc="left")
+        map_ax.set_title("Grad-CAM", fontsize=8)
+    fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)

@@ -68,8 +68,6 @@ class LevelRun:
     def setup(self, settings):
         """Seeds, device (joining the process group under torchrun), backends; recorded in metrics.
         Returns the device; the precision depends on the model too: see precision_for()."""
-        import torch
-
         from common.training import configure_backends, seed_everything, select_device
 
         check_writable(self.out_dir)

@@ -50,10 +50,10 @@ import torch
 from torch import nn
 
 from common.cli import parse_args
-from common.data import stratified_subset
+from common.data import CLASSES, stratified_subset
 from common.finetuning import augmentation_steps, crop_flip_jitter, evaluation_batches, fine_tune_scope, train
 from common.models import check_input_size, create_model, last_stage, pretrained_tag, train_only, zero_head
-from common.plots import plot_ablation, plot_training_curves
+from common.plots import plot_ablation, plot_augmentation, plot_training_curves
 from common.results import LevelRun
 from common.stats import compare_with_level, describe, difference, standard_error
 from common.training import FitResult, count_parameters
@@ -231,6 +231,7 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
             f"({hp.model})",
             highlight=[a["name"] for a in arms].index(chosen.name)))
         metrics["sections"] = [dict(heading="Ablation study (validation accuracy)", markdown=ablation_table(metrics))]
+    run.add_figure("augmentation", augmentation_figure(run, splits, hp, device, settings.seed, chosen.augment))
     level1_text, metrics["level1_comparison"] = compare_with_level(1, metrics, run.out_dir)
     metrics["improvement_analysis"] = improvement_analysis(metrics, level1_text)
     metrics.setdefault("sections", []).append(dict(heading="Improvement analysis",
@@ -238,6 +239,27 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
     mean, std = model.pretrained_cfg.get("mean"), model.pretrained_cfg.get("std")
     run.save_model(model.state_dict(), kind="timm", model=hp.model, img_size=hp.img_size, mean=mean, std=std,
                    pretrained_tag=metrics["pretrained_tag"])
+
+
+def augmentation_figure(run: LevelRun, splits, hp: Hyperparameters, device, seed: int, used: bool,
+                        images: int = 6, views: int = 5):
+    """OUT/level2/augmentation.png: the first training image of six classes, each next to `views` views drawn by
+    crop_flip_jitter with this run's hp: the very function (and settings) that training calls on every batch.
+
+    The draws are seeded with --seed inside torch.random.fork_rng, so the figure is the same every run and the
+    run's own random state is left as it was."""
+    labels = splits.train.labels
+    picks = [int((labels == c).nonzero()[0, 0]) for c in range(images)]
+    originals = splits.train.images[picks].to(device)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        drawn = crop_flip_jitter(originals.repeat(views, 1, 1, 1), hp)  # view j of image i at j * images + i
+    grid = drawn.reshape(views, images, *originals.shape[1:]).transpose(0, 1).cpu()
+    run.metrics["augmentation_figure"] = dict(train_positions=picks, views=views)
+    note = "" if used else " (the chosen configuration trains without it)"
+    return plot_augmentation(originals.cpu(), grid, [CLASSES[c] for c in range(images)], augmentation_steps(hp),
+                             run.path("augmentation.png"), f"Level 2's augmentation, each view a fresh draw{note}")
 
 
 def bench_recipes(overrides: dict) -> list:

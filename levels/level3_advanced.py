@@ -20,6 +20,20 @@ What changed since Level 2
 Which weights
     resnet50.tv_in1k (torchvision's), as in Levels 1 and 2: the SE block is then the only change from Level 2.
 
+Looking inside the model
+    Three figures show what the numbers cannot. top_losses.png: the 16 test images with the highest loss under
+    the test predictions (often a wrong label, an odd view, or the cat/dog confusion). se_gates.png: the SE
+    block made visible, its gate per channel averaged over each class's test images (in fp32, so that they
+    can be recomputed exactly), for the 32 channels whose means differ most between classes: whether, and how
+    much, the block reweights channels by what is in the image (one finding gives the numbers). gradcam.png: Grad-CAM (which regions raised the predicted
+    class) for the most confident right and wrong test predictions, on the SE block's output, the map the
+    head pools. The test set's logits are kept in test_predictions.npz.
+
+    Grad-CAM is written by hand (common/saliency.py, about 30 lines) rather than taken from the `grad-cam`
+    package (pytorch-grad-cam: MIT licence, maintained, and it installs from PyPI here). The package is a
+    source archive only and pulls in OpenCV, scipy, ttach and tqdm for one figure; the method itself is a
+    forward hook, one gradient and a weighted sum, and reading it is part of the lesson.
+
 Run
     python levels/level3_advanced.py                 # ResNet50, ImageNet weights from the hub
     python levels/level3_advanced.py --quick         # smoke profile for a CPU
@@ -37,17 +51,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `import common` 
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from common.cli import parse_args
 from common.data import CLASSES
 from common.finetuning import augmentation_steps, evaluation_batches, fine_tune_scope, train
-from common.io import write_text_atomic
-from common.models import check_input_size, create_model, last_stage, pretrained_tag, train_only, zero_head
-from common.plots import plot_confusion_matrix, plot_training_curves
+from common.io import save_npz_atomic, write_text_atomic
+from common.models import (check_input_size, create_model, last_stage, normalization, pretrained_tag, train_only,
+                           zero_head)
+from common.plots import plot_confusion_matrix, plot_gradcam, plot_se_gates, plot_top_losses, plot_training_curves
 from common.results import LevelRun
 from common.stats import compare_with_level, describe, difference, standard_error
-from common.training import SetupError, count_parameters
+from common.saliency import grad_cam
+from common.training import SetupError, count_parameters, model_input
 
 # ----------------------------------------------------------------------------------------------------------
 #                                            Hyperparameters
@@ -268,6 +285,26 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
         row_normalised(counts), CLASSES, run.path("confusion_matrix.png"),
         f"Confusion matrix, {metrics['test_size']:,} test images ({hp.model} + SE)"))
 
+    # ------------------------------------------------------------------------------------------------------
+    #                     Looking inside: the worst mistakes, the SE gates, Grad-CAM
+    # the test set's logits, in order: what top_losses.png ranks
+    save_npz_atomic(run.path("test_predictions.npz"), logits=test.logits.numpy(), labels=test.labels.numpy())
+    metrics["files"]["test_predictions"] = run.path("test_predictions.npz").relative_to(run.out_dir).as_posix()
+    metrics["top_losses"] = top_losses(test.logits, test.labels)
+    shown = [t["test_position"] for t in metrics["top_losses"]]
+    run.add_figure("top_losses", plot_top_losses(
+        splits.test.images[shown], [t["true"] for t in metrics["top_losses"]],
+        [t["predicted"] for t in metrics["top_losses"]], [t["probability"] for t in metrics["top_losses"]],
+        [t["loss"] for t in metrics["top_losses"]], run.path("top_losses.png"),
+        f"The {len(shown)} test images with the highest loss (of {metrics['test_size']:,}; {hp.model} + SE)"))
+    metrics["se_gates"] = se_gate_summary(model, evaluation_batches(images, "test", model, hp))
+    gates = metrics["se_gates"]
+    run.add_figure("se_gates", plot_se_gates(
+        gates["class_means"], gates["channels"], list(CLASSES), run.path("se_gates.png"),
+        f"SE gates on the final feature map: mean per class over {metrics['test_size']:,} test images, the "
+        f"{len(gates['channels'])} of {gates['num_channels']} channels that differ most"))
+    metrics["gradcam"] = gradcam_figure(run, model, splits, test, hp, device)
+
     level2_text, level2 = compare_with_level(2, metrics, run.out_dir)
     metrics["findings"] = findings(metrics["per_class"], counts, metrics["test_size"])
     metrics["findings"]["level2_comparison"] = level2
@@ -291,6 +328,82 @@ def bench_recipes(overrides: dict) -> list:
                    f"{hp.fine_tune_scope} + SE + head", ", ".join(augmentation_steps(hp)),
                    lambda: train_part(build_se_model(hp.model, False, None, num_classes=10), hp.fine_tune_scope),
                    hp.optimizer, hp.lr, hp.weight_decay, augment=lambda x: crop_flip_jitter(x, hp))]
+
+
+# ----------------------------------------------------------------------------------------------------------
+#                                     Looking inside the model
+
+
+def top_losses(logits: torch.Tensor, labels: torch.Tensor, count: int = 16) -> list[dict]:
+    """The `count` test images with the highest cross-entropy loss, highest first: their position in the test
+    split, true and predicted class, the predicted class's probability and the loss."""
+    losses = F.cross_entropy(logits.float(), labels, reduction="none")
+    probabilities = logits.float().softmax(1)
+    order = torch.argsort(losses, descending=True, stable=True)[:count]
+    return [dict(test_position=int(i), true=CLASSES[int(labels[i])], predicted=CLASSES[int(probabilities[i].argmax())],
+                 probability=float(probabilities[i].max()), true_probability=float(probabilities[i, labels[i]]),
+                 loss=float(losses[i])) for i in order]
+
+
+@torch.no_grad()
+def se_gate_means(model: SEClassifier, batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (classes x channels mean gate of model.se over each class's images, images per class), in fp32.
+
+    `batches` yields (model input, labels): the gates are model.se.gates() on the final feature map."""
+    model.eval()
+    sums, counts = None, torch.zeros(len(CLASSES), dtype=torch.float64)
+    for x, y in batches:
+        g = model.se.gates(model.backbone.forward_features(x)).double().cpu()
+        sums = torch.zeros(len(CLASSES), g.shape[1], dtype=torch.float64) if sums is None else sums
+        sums.index_add_(0, y.cpu(), g)
+        counts += torch.bincount(y.cpu(), minlength=len(CLASSES)).double()
+    return sums / counts.clamp_min(1)[:, None], counts
+
+
+def se_gate_summary(model: SEClassifier, batches, shown: int = 32) -> dict:
+    """The SE gates per class, for metrics.json and the figure: the `shown` channels whose class means differ
+    most (largest minus smallest class mean), in that order, with their class means."""
+    means, counts = se_gate_means(model, batches)
+    spread = means.max(0).values - means.min(0).values
+    channels = torch.argsort(spread, descending=True, stable=True)[:shown]
+    top = int(channels[0])
+    return dict(where="model.se.gates() on the final feature map, fp32, eval mode",
+                num_channels=means.shape[1], images_per_class=[int(c) for c in counts],
+                mean_gate=float((means * counts[:, None]).sum() / (counts.sum() * means.shape[1])),
+                channels=[int(c) for c in channels], spread=[float(spread[c]) for c in channels],
+                class_means=[[float(means[k, c]) for c in channels] for k in range(len(CLASSES))],
+                most_different=dict(channel=top, high_class=CLASSES[int(means[:, top].argmax())],
+                                    high=float(means[:, top].max()), low_class=CLASSES[int(means[:, top].argmin())],
+                                    low=float(means[:, top].min())),
+                channels_spread_over_0_1=int((spread > 0.1).sum()))
+
+
+def gradcam_figure(run: LevelRun, model: SEClassifier, splits, test, hp, device, each: int = 4) -> dict:
+    """OUT/level3/gradcam.png: Grad-CAM of the predicted class for the `each` most confident correct and the
+    `each` most confident wrong test predictions, on the SE block's output (the map the head pools)."""
+    probabilities = test.logits.float().softmax(1)
+    confidence, predicted = probabilities.max(1)
+    right = predicted == test.labels
+    picks = []
+    for wanted in (True, False):
+        candidates = torch.nonzero(right == wanted).flatten()
+        picks += candidates[torch.argsort(confidence[candidates], descending=True, stable=True)[:each]].tolist()
+    mean, std = normalization(model)
+    pixels = splits.test.images[picks]
+    maps, logits = grad_cam(model, model.se, model_input(pixels.to(device), hp.img_size, mean, std),
+                            predicted[picks].to(device), size=32)
+    with torch.no_grad():
+        feature_map = list(model.backbone.forward_features(model_input(pixels[:1].to(device), hp.img_size, mean,
+                                                                       std)).shape[2:])
+    shown = [dict(test_position=int(i), true=CLASSES[int(test.labels[i])], predicted=CLASSES[int(predicted[i])],
+                  probability=float(confidence[i]), correct=bool(right[i])) for i in picks]
+    h, w = feature_map
+    run.add_figure("gradcam", plot_gradcam(
+        pixels, maps, [f"true {s['true']}\npredicted {s['predicted']} {100 * s['probability']:.0f}%" for s in shown],
+        [s["correct"] for s in shown], run.path("gradcam.png"),
+        f"Grad-CAM of the predicted class on the SE output ({h} x {w} feature map, upsampled): the most confident "
+        f"right (green) and wrong (red) test predictions"))
+    return dict(layer="model.se (the gated final feature map)", feature_map=feature_map, images=shown)
 
 
 def row_normalised(counts: np.ndarray) -> np.ndarray:
@@ -351,6 +464,15 @@ def findings_text(metrics: dict, level2_text: str) -> str:
         f"- The trained model holds {metrics['se_blocks']} SE block(s) ({metrics['se_parameters']:,} parameters"
         f"{', trained' if metrics.get('se_trained') else ', unchanged by training'}).",
     ]
+    gates = metrics.get("se_gates")
+    if gates:
+        d = gates["most_different"]
+        lines.append(
+            f"- The SE gates differ by class: channel {d['channel']} of the final feature map averages "
+            f"{d['high']:.2f} for {d['high_class']} and {d['low']:.2f} for {d['low_class']} (test images); across "
+            f"all {gates['num_channels']:,} channels the gates average {gates['mean_gate']:.2f}, and "
+            f"{gates['channels_spread_over_0_1']:,} channels' class means spread over more than 0.1 "
+            f"(`se_gates.png`).")
     if metrics.get("quick"):
         lines.append("- Smoke run (`--quick`): small subsets, tiny images; the numbers show that the analysis "
                      "works, not what the architecture achieves.")

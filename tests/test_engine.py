@@ -10,7 +10,7 @@ from torch import nn
 
 from common import training
 from common.cli import QUICK_PROFILE, parse_args
-from common.training import (Precision, TensorBatches, fit, freeze, make_optimizer, select_precision,
+from common.training import (TensorBatches, fit, freeze, make_optimizer, select_precision,
                              set_train_mode)
 from conftest import run_cli
 
