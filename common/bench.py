@@ -45,7 +45,7 @@ from common.io import write_json_atomic, write_text_atomic
 from common.results import environment
 from common.training import (
     TensorBatches, configure_backends, device_name, evaluate, make_optimizer, model_input, select_device,
-    select_precision, set_train_mode, train_one_epoch,
+    select_precision, set_train_mode, synchronize, train_one_epoch,
 )
 
 LEVEL_NUMBERS = (1, 2, 3, 4)
@@ -112,8 +112,6 @@ class Recipe:
     lr: float = 1e-3
     weight_decay: float = 0.0
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None  # uint8 N x 3 x 32 x 32 -> same, on the device
-    # (images, labels, batch_size, transform) -> training batches; default TensorBatches (Level 4: its CPU workers)
-    batches: Callable | None = None
     mix: Callable | None = None  # (inputs, labels) -> (mixed inputs, soft targets), as train_one_epoch takes
     loss_fn: nn.Module = dataclasses.field(default_factory=nn.CrossEntropyLoss)
 
@@ -199,11 +197,6 @@ class Staged:
         return (self.batches[i % len(self.batches)] for i in range(self.steps))
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _one_hot_targets(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The staged stand-in for Mixup: soft targets for a soft-target loss, with no mixing work."""
     return x, F.one_hot(y, 10).float()
@@ -245,18 +238,15 @@ def measure_training(recipe: Recipe, model: nn.Module, data: dict, device, preci
     def transform(batch: torch.Tensor) -> torch.Tensor:
         return model_input(recipe.augment(batch) if recipe.augment else batch, recipe.img_size, mean, std)
 
-    if recipe.batches:
-        source = recipe.batches(train_images, train_labels, recipe.batch_size, transform)
-    else:
-        source = TensorBatches(train_images, train_labels, recipe.batch_size, shuffle=True, transform=transform,
-                               drop_last=True)
+    source = TensorBatches(train_images, train_labels, recipe.batch_size, shuffle=True, transform=transform,
+                           drop_last=True)
     real = FirstSteps(source, steps)
     optimizer = make_optimizer(recipe.optimizer, model.parameters(), recipe.lr, recipe.weight_decay)
     scaler = torch.amp.GradScaler(device.type) if precision.use_grad_scaler else None
     staged_mix = _one_hot_targets if recipe.mix else None
 
     def run(batches, mix) -> tuple[float, float]:
-        _synchronize(device)
+        synchronize(device)
         _, _, seen, seconds = train_one_epoch(model, batches, optimizer, None, recipe.loss_fn, device, precision,
                                               scaler, mix)
         return seen / seconds, seconds
@@ -282,11 +272,11 @@ def measure_training(recipe: Recipe, model: nn.Module, data: dict, device, preci
     # pipeline / (pipeline + staged step); on a GPU it is an upper bound (the two overlap)
     pipeline = []
     for _ in range(3 * repeats):
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         for _ in real:
             pass
-        _synchronize(device)
+        synchronize(device)
         pipeline.append((time.perf_counter() - start) / len(real))
     pipeline_seconds = statistics.median(pipeline)
     step_seconds = recipe.batch_size / statistics.median(t["staged"] for t in trials)
@@ -308,7 +298,7 @@ def measure_evaluation(recipe: Recipe, model: nn.Module, data: dict, device, pre
     evaluate(model, FirstSteps(batches, 1), device, precision)  # warm-up
     rates = []
     for _ in range(repeats):
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         evaluate(model, batches, device, precision)  # ends with .item(): the device has finished
         rates.append(len(batches.labels) / (time.perf_counter() - start))
@@ -546,7 +536,7 @@ def render_markdown(report: dict) -> str:
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in _rows(report)]
     lines += ["", "- **pipeline_overhead** = 1 − real / staged: the share of training throughput lost to the input "
-              "pipeline (batch slicing, augmentation, normalization, resize, and Level 4's CPU workers) against the "
+              "pipeline (batch slicing, augmentation, normalization, resize) against the "
               "same training step fed model inputs already on the device: the median over the turns of each "
               "turn's ratio. **(best turns)**: the same from the fastest real and the fastest staged turn, a "
               "cross-check (noise from other work on the machine can only slow a turn down). **pipeline alone**: "

@@ -208,12 +208,13 @@ CHECKLISTS[3] = [
 
 def _members_trained_judge(m: dict, level_dir: Path) -> Verdict:
     members = m.get("members") or {}
-    done = [name for name, r in members.items() if r.get("status") == "trained" and r.get("best_epoch")
-            and (level_dir.parent / r.get("checkpoint", "")).is_file()]
+    saved = bool(m.get("model_file")) and (level_dir.parent / m["model_file"]).is_file()
+    done = [name for name, r in members.items() if r.get("status") == "trained" and r.get("best_epoch") and saved]
     ok = len(done) >= 3
-    detail = ", ".join(f"{n} ({len(members[n].get('history', []))} epoch(s){', resumed' if members[n].get('resumed') else ''})"
-                       for n in done)
-    return Verdict(PASS if ok else FAIL, f"{len(done)} model(s) trained, checkpoint on disk: {detail or 'none'}")
+    detail = ", ".join(f"{n} ({len(members[n].get('history', []))} epoch(s)"
+                       f"{', resumed' if members[n].get('resumed_epochs') else ''})" for n in done)
+    return Verdict(PASS if ok else FAIL, f"{len(done)} model(s) trained and saved in `{m.get('model_file')}`: "
+                                         f"{detail or 'none'}")
 
 
 def _ensemble_judge(m: dict, _: Path) -> Verdict:
@@ -311,7 +312,11 @@ def status_text(m: dict) -> str:
     status = m.get("status") or "—"
     if status in ("running", "interrupted", "failed"):
         epochs = (m.get("config") or {}).get("epochs")
-        status += f" after {len(m.get('history') or [])}" + (f" of {epochs}" if epochs else "") + " epoch(s)"
+        done = len(m.get("history") or [])
+        if m.get("members") is not None:  # Level 4: the epochs of every member, the one in training included
+            done = sum(len(r.get("history") or []) for r in m["members"].values())
+            epochs = epochs * len([n for n in str(m["config"].get("models", "")).split(",") if n.strip()]) or epochs
+        status += f" after {done}" + (f" of {epochs}" if epochs else "") + " epoch(s)"
     if m.get("recorded_status") == "running" and m.get("status") == "interrupted":
         status += " (killed: its process is gone)"
     return status

@@ -310,6 +310,28 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int):
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
 
 
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup: float):
+    """Linear warm-up over the first `warmup` fraction of the steps, then cosine to zero; stepped per batch.
+
+    The warm-up protects pretrained weights from the first steps' large, noisy gradients of a new head (AdamW's
+    moment estimates are also still poor then); ViTs are known to need it.
+    """
+    warm = max(1, round(warmup * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total_steps - warm)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU to finish its queued work (for timing); nothing to wait for on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Train and evaluate
 
@@ -577,7 +599,6 @@ def fit(model: nn.Module, train_batches, val_batches, *, epochs: int, optimizer,
         stats = EpochStats(epoch, train_loss, train_acc, val.loss, val.accuracy, lr, seen / seconds, seconds)
         result.history.append(stats.__dict__.copy())
         result.train_seconds += seconds
-        display.end_epoch(stats)
         if val.accuracy > result.best_val_accuracy or best_state is None:
             result.best_epoch, result.best_val_accuracy = epoch, val.accuracy
             best_state = _cpu_copy(model.state_dict())
@@ -591,6 +612,7 @@ def fit(model: nn.Module, train_batches, val_batches, *, epochs: int, optimizer,
                 history=result.history))
         if on_epoch_end is not None:
             on_epoch_end()
+        display.end_epoch(stats)  # after the save: a log's "epoch N" line means epoch N is on disk
     if best_state is not None:
         model.load_state_dict(best_state)
     return result

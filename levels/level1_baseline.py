@@ -177,7 +177,6 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
             stats = EpochStats(epoch, loss_sum / seen, correct / seen, val.loss, val.accuracy, lr, seen / seconds,
                                seconds)
             metrics["history"].append(dataclasses.asdict(stats))
-            display.end_epoch(stats)
             if val.accuracy > best["val_accuracy"]:  # keep the best epoch's weights, judged on validation only
                 best = dict(epoch=epoch, val_accuracy=val.accuracy,
                             head={k: v.detach().clone() for k, v in head.state_dict().items()})
@@ -187,6 +186,7 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
                                  batches_rng=train_batches.generator.get_state(), best=best,
                                  history=metrics["history"]))
             run.epoch_done()
+            display.end_epoch(stats)  # after the save: a log's "epoch N" line means epoch N is on disk
         head.load_state_dict(best["head"])  # the epoch chosen on validation
         metrics.update(train_seconds=time.perf_counter() - started, best_epoch=best["epoch"],
                        val_accuracy=best["val_accuracy"])

@@ -262,3 +262,12 @@ def test_the_test_set_is_evaluated_exactly_once_after_training(cifar_dir, lite0_
     assert calls == [200, 200, 200, 300]  # validation after each epoch, then the test set once, at the end
     m = json.loads((tmp_path / "level1" / "metrics.json").read_text())
     assert m["test_evaluations"] == 1
+
+
+def test_cifar10_dir_is_where_the_data_is_looked_for(cifar_dir, lite0_weights, tmp_path):
+    result = run_cli("run.py", "level", "1", "--quick", "--model", "efficientnet_lite0", "--weights",
+                     str(lite0_weights), "--img-size", "32", "--epochs", "1", "--train-size", "100", "--val-size", "50",
+                     "--test-size", "50", "--out-dir", str(tmp_path), env={"CIFAR10_DIR": str(cifar_dir)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    m = json.loads((tmp_path / "level1" / "metrics.json").read_text())
+    assert str(cifar_dir) in m["data_source"] and m["config"]["data_dir"] is None
