@@ -30,10 +30,12 @@ def _write_atomic(path: Path, write) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(partial)
         os.replace(partial, path)
-    except OSError as error:
+    except BaseException as error:  # a Ctrl-C in the middle of a write must not leave the partial file behind
         if partial.parent.is_dir():
             partial.unlink(missing_ok=True)
-        raise OutputError(_describe(error, path)) from error
+        if isinstance(error, OSError):
+            raise OutputError(_describe(error, path)) from error
+        raise
     return path
 
 

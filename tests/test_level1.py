@@ -143,8 +143,11 @@ def test_ctrl_c_writes_what_was_measured_as_interrupted(cifar_dir, lite0_weights
     cmd = [sys.executable, "levels/level1_baseline.py", "--quick", "--model", "efficientnet_lite0", "--weights",
            str(lite0_weights), "--no-cache-features", "--epochs", "50", "--train-size", "400", "--val-size", "100",
            "--data-dir", str(cifar_dir), "--out-dir", str(tmp_path)]
+    # preexec_fn: a shell that starts a job in the background sets SIGINT to "ignore", the child inherits it and
+    # Python then installs no Ctrl-C handler at all; the default disposition is what a user's terminal gives
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     for line in proc.stdout:
         lines.append(line)
