@@ -17,6 +17,11 @@ class OutputError(Exception):
     """The output folder cannot be written (read-only, full, not a folder). The message names it."""
 
 
+def safe_filename(name: str) -> str:
+    """A run's name as a file name: resnet50+se -> resnet50_se, "no augmentation, head only" -> no_augmentation__head_only."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
 def _describe(error: OSError, path: Path) -> str:
     if error.errno == errno.ENOSPC:
         return f"The disk holding {path.parent} is full (writing {path.name}). Free some space or choose --out-dir."

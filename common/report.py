@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from common.data import CLASSES
-from common.io import write_text_atomic
+from common.io import safe_filename, write_text_atomic
 
 CALIBRATION_BINS = 15
 
@@ -116,7 +116,7 @@ def plot_ensemble_figures(run, comparison: dict, test_labels: np.ndarray, tta: b
     for name, record in metrics["members"].items():
         if record["history"]:
             run.add_figure(f"curves {name}", plot_training_curves(
-                record["history"], run.path(f"curves_{''.join(c if c.isalnum() or c in '-_.' else '_' for c in name)}.png"),
+                record["history"], run.path(f"curves_{safe_filename(name)}.png"),
                 f"{name} ({metrics['train_size']:,} training images)"))
 
 

@@ -18,7 +18,7 @@ from typing import Callable
 
 from common.data import DataError
 from common.distributed import is_main_process, world_size
-from common.io import OutputError, check_writable, torch_save_atomic
+from common.io import OutputError, check_writable, safe_filename, torch_save_atomic
 from common.progress import console
 from common.records import this_process, write_metrics
 from common.summary import write_summary
@@ -124,8 +124,7 @@ class LevelRun:
                          data_source=self.metrics.get("data_source"),
                          sizes=[self.metrics.get(k) for k in ("train_size", "val_size", "test_size")],
                          precision=self.metrics.get("precision"))
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-        return EpochCheckpoint(self.dir / "checkpoints" / f"{safe}.pt", signature, self.settings.resume, label=name)
+        return EpochCheckpoint(self.dir / "checkpoints" / f"{safe_filename(name)}.pt", signature, self.settings.resume, label=name)
 
     def save_model(self, state_dict: dict, **meta) -> Path:
         """OUT/levelN/model.pt: the chosen model's weights and what it takes to rebuild it (timm name, image size,
