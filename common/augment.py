@@ -6,11 +6,13 @@ over a batch is what augmentation means, so these functions draw a parameter per
 in a few batched tensor operations: no Python loop over images, no trip to the CPU.
 autoaugment_cifar10 (AutoAugment's CIFAR-10 policy) loops over the policy's 25 sub-policies instead, each
 applied to its group of images at once.
+tta_views gives the test-time views (Level 4 predicts with them, and `run.py predict` with a saved ensemble).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -196,3 +198,32 @@ def apply_cifar10_sub_policies(images: torch.Tensor, sub_policy: torch.Tensor, a
     finally:
         torch.set_num_threads(threads)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Test-time views (deterministic: the same view of every image)
+
+TTA_SHIFT = 2  # pixels, at 32x32, for --tta-shifts
+
+
+def hflip(images: torch.Tensor) -> torch.Tensor:
+    """The mirror image: column j of the result is column W-1-j of the input."""
+    return images.flip(-1)
+
+
+def shift(images: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """Move the content dx pixels right and dy down; what comes in from the border is black (zero)."""
+    h, w, pad = *images.shape[-2:], TTA_SHIFT
+    padded = F.pad(images, (pad, pad, pad, pad))
+    return padded[..., pad - dy:pad - dy + h, pad - dx:pad - dx + w]
+
+
+def tta_views(tta: bool = True, shifts: bool = False) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """The views each image is predicted under; "identity" is the plain prediction. Applied at 32x32, uint8."""
+    views = {"identity": lambda x: x}
+    if tta:
+        views["flip"] = hflip
+        if shifts:
+            for dx, dy in ((TTA_SHIFT, 0), (-TTA_SHIFT, 0), (0, TTA_SHIFT), (0, -TTA_SHIFT)):
+                views[f"shift {dx:+d},{dy:+d}"] = lambda x, dx=dx, dy=dy: shift(x, dx, dy)
+    return views

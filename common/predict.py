@@ -12,7 +12,8 @@ What a model file holds (written by common.results.LevelRun.save_model):
   kind "timm"      a timm model (Levels 1 and 2), rebuilt with timm.create_model(pretrained=False)
   kind "se"        Level 3's SE network: rebuilt by a builder the caller passes (common/ does not import levels/)
   kind "ensemble"  Level 4: `members`, each a "timm" or "se" entry of its own; the probabilities are the
-                   members' softmax averaged over the test-time views (`tta_views`: identity, flip), then
+                   members' softmax averaged over the test-time views (common.augment.tta_views: identity, flip,
+                   and the four shifts of --tta-shifts), then
                    combined with the members' `vote_weights`.
 """
 
@@ -26,7 +27,6 @@ from typing import Any, Callable
 # torch is imported inside the functions: a wrong path or a level that has not run is reported at once.
 
 MODEL_FORMAT = "cifar10-levels model v1"  # as common.results.MODEL_FORMAT (not imported: results pulls in more)
-VIEWS = ("identity", "flip")
 
 
 class PredictError(Exception):
@@ -121,6 +121,8 @@ def load_saved_model(path: Path, builders: dict[str, Builder] | None = None, dev
     """Rebuild the network(s) of a model file, in eval mode on `device`."""
     import torch
 
+    from common.augment import tta_views
+
     device = torch.device(device)
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -139,9 +141,10 @@ def load_saved_model(path: Path, builders: dict[str, Builder] | None = None, dev
         raw = [float(votes.get(e["name"], 1.0)) for e in entries]
         members = [_member(e, len(classes), builders, e["name"], w / sum(raw), device) for e, w in zip(entries, raw)]
         views = tuple(saved.get("tta_views") or ("identity",))
-        unknown = [v for v in views if v not in VIEWS]
+        known = list(tta_views(tta=True, shifts=True))
+        unknown = [v for v in views if v not in known]
         if unknown:
-            raise PredictError(f"'{path}' asks for test-time views {unknown}; this command knows {list(VIEWS)}.")
+            raise PredictError(f"'{path}' asks for test-time views {unknown}; this command knows {known}.")
         description = "ensemble of " + ", ".join(f"{m.name} ({m.weight:.2f})" for m in members) + \
                       (f", views: {', '.join(views)}" if len(views) > 1 else "")
     else:
@@ -208,17 +211,15 @@ def load_image(path: Path):
 # Predicting
 
 
-def _view(images, view: str):
-    return images.flip(3) if view == "flip" else images
-
-
 def predict_probabilities(saved: SavedModel, images, precision: str = "auto"):
     """uint8 N x 3 x 32 x 32 -> N x classes probabilities (float32, CPU): each member's softmax averaged over
     the views, then weighted by the members' weights (one member, one view: plain softmax)."""
     import torch
 
+    from common.augment import tta_views
     from common.training import autocast, model_input, select_precision
 
+    views = tta_views(tta=True, shifts=True)
     total = None
     for member in saved.members:
         device = next(member.model.parameters()).device
@@ -227,7 +228,7 @@ def predict_probabilities(saved: SavedModel, images, precision: str = "auto"):
         probs = 0
         for view in saved.views:
             with torch.no_grad(), autocast(device, chosen):
-                logits = member.model(model_input(_view(x, view), member.img_size, member.mean, member.std))
+                logits = member.model(model_input(views[view](x), member.img_size, member.mean, member.std))
             probs = probs + logits.float().softmax(1).cpu() / len(saved.views)
         total = member.weight * probs if total is None else total + member.weight * probs
     return total

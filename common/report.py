@@ -81,6 +81,21 @@ def scores(probs: np.ndarray, labels: np.ndarray) -> dict:
                 ece=expected_calibration_error(probs, labels))
 
 
+def comparison_row(label: str, is_member: bool, tta: bool, probs: dict, val_labels: np.ndarray,
+                   test_labels: np.ndarray, records: list[dict]) -> dict:
+    """One row of Level 4's comparison table: a member or an ensemble (`records`: the metrics of the member, or
+    of every member of the ensemble), scored on validation and test from its probabilities."""
+    val, test = scores(probs["val"], val_labels), scores(probs["test"], test_labels)
+    speeds = [r.get("tta_images_per_second" if tta else "images_per_second") for r in records]
+    return dict(name=label, kind="member" if is_member else "ensemble", tta=tta,
+                val_accuracy=val["accuracy"], val_log_loss=val["log_loss"], val_ece=val["ece"],
+                test_accuracy=test["accuracy"], test_log_loss=test["log_loss"], test_ece=test["ece"],
+                parameters=sum(r.get("parameters", 0) for r in records),
+                train_seconds=sum(r.get("train_seconds", 0.0) for r in records),
+                # an ensemble runs every member on every image: its throughput is 1 / Σ (1 / member throughput)
+                images_per_second=(1 / sum(1 / s for s in speeds)) if speeds and all(speeds) else None)
+
+
 def per_class_gains(reference: np.ndarray, ensemble: np.ndarray, labels: np.ndarray) -> list[dict]:
     """Per class: its number of images, the accuracy of the reference (the best member) and of the ensemble
     on them, and the gain (ensemble minus reference), from their probabilities."""

@@ -48,17 +48,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `import common` 
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from common.augment import autoaugment_cifar10, random_crop_flip
+from common.augment import autoaugment_cifar10, random_crop_flip, tta_views
 from common.cli import parse_args
 from common.io import save_npz_atomic
 from common.members import member_names, member_weights
 from common.models import create_model, normalization, zero_head
 from common.progress import TrainingDisplay
 from common.report import (
-    CALIBRATION_BINS, log_loss, per_class_gains, plot_ensemble_figures, scores, write_ensemble_report,
+    CALIBRATION_BINS, comparison_row, log_loss, per_class_gains, plot_ensemble_figures, write_ensemble_report,
 )
 from common.results import LevelRun
 from common.training import (
@@ -105,7 +104,6 @@ CPU_PROFILE = dict(models="efficientnet_lite0+se,efficientnet_lite1,efficientnet
 
 TITLE = "Level 4: ensemble of three architectures"
 APPROACH = "Ensemble (weighted soft voting + TTA) of fine-tuned CNN+SE, EfficientNet and ViT"
-SHIFT = 2  # pixels, at 32x32, for --tta-shifts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,9 +205,7 @@ def build_member(name: str, pretrained: bool, weights: str | None, hp: Hyperpara
         model = build_se_model(base, pretrained, weights, num_classes=10, reduction=hp.se_reduction, **kwargs)
     else:
         model = create_model(base, num_classes=10, pretrained=pretrained, weights=weights, **kwargs)
-    # The new head starts at zero: uniform predictions, and no gradient into the pretrained backbone until the
-    # head has learned something (a randomly initialized head's first large gradients damage pretrained features).
-    zero_head(model)
+    zero_head(model)  # uniform predictions at first: no large random gradients into the pretrained backbone
     return model
 
 
@@ -251,10 +247,9 @@ def run_member(run: LevelRun, number: int, count: int, name: str, weights: str |
     n_test = len(images["test"][0])
     record.update(images_per_second=n_test / seconds["test"]["identity"],
                   tta_images_per_second=n_test / sum(seconds["test"].values()))
-    base = name.removesuffix("+se")
-    saved = dict(name=name, kind="se" if name.endswith("+se") else "timm", model=base, img_size=hp.img_size,
-                 mean=list(mean), std=list(std), reduction=hp.se_reduction, se_in_layer4=False,
-                 drop_path=hp.drop_path, state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()})
+    saved = dict(name=name, kind="se" if name.endswith("+se") else "timm", model=name.removesuffix("+se"),
+                 img_size=hp.img_size, mean=list(mean), std=list(std), reduction=hp.se_reduction,
+                 se_in_layer4=False, drop_path=hp.drop_path, state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()})
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the next member starts from an empty GPU
@@ -294,8 +289,7 @@ def mixing(hp: Hyperparameters) -> tuple[Callable | None, nn.Module]:
 
 
 def bench_recipes(overrides: dict) -> list:
-    """What `python run.py bench` times for this level: each member trained in full, with this level's
-    augmentation on the device and MixUp/CutMix."""
+    """What `run.py bench` times: each member trained in full, with this level's augmentation and MixUp/CutMix."""
     from common.bench import Recipe, with_overrides
 
     hp = with_overrides(Hyperparameters(), overrides)
@@ -310,29 +304,6 @@ def bench_recipes(overrides: dict) -> list:
 
 # ----------------------------------------------------------------------------------------------------------
 #                                 Test-time augmentation and prediction
-
-
-def hflip(images: torch.Tensor) -> torch.Tensor:
-    """The mirror image: column j of the result is column W-1-j of the input."""
-    return images.flip(-1)
-
-
-def shift(images: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
-    """Move the content dx pixels right and dy down; what comes in from the border is black (zero)."""
-    h, w = images.shape[-2:]
-    padded = F.pad(images, (SHIFT, SHIFT, SHIFT, SHIFT))
-    return padded[..., SHIFT - dy:SHIFT - dy + h, SHIFT - dx:SHIFT - dx + w]
-
-
-def tta_views(tta: bool, shifts: bool) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """The views each image is predicted under; "identity" is the plain prediction. Applied at 32x32, uint8."""
-    views = {"identity": lambda x: x}
-    if tta:
-        views["flip"] = hflip
-        if shifts:
-            for dx, dy in ((SHIFT, 0), (-SHIFT, 0), (0, SHIFT), (0, -SHIFT)):
-                views[f"shift {dx:+d},{dy:+d}"] = lambda x, dx=dx, dy=dy: shift(x, dx, dy)
-    return views
 
 
 @torch.no_grad()
@@ -430,20 +401,9 @@ def compare(predictions: dict[str, dict], val_labels: np.ndarray, test_labels: n
     rows = {}
     for v in variants:
         for name in [*members, "soft vote", "weighted vote"]:
-            label = name + suffix[v]
-            val, test = scores(probs[label]["val"], val_labels), scores(probs[label]["test"], test_labels)
-            is_member = name in members
-            parts = [records.get(n, {}) for n in (members if not is_member else [name])]
-            speed_key = "tta_images_per_second" if v == "tta" else "images_per_second"
-            speeds = [p.get(speed_key) for p in parts]
-            rows[label] = dict(
-                name=label, kind="member" if is_member else "ensemble", tta=v == "tta",
-                val_accuracy=val["accuracy"], val_log_loss=val["log_loss"], val_ece=val["ece"],
-                test_accuracy=test["accuracy"], test_log_loss=test["log_loss"], test_ece=test["ece"],
-                parameters=sum(p.get("parameters", 0) for p in parts),
-                train_seconds=sum(p.get("train_seconds", 0.0) for p in parts),
-                # an ensemble runs every member on every image: its throughput is 1 / Σ (1 / member throughput)
-                images_per_second=(1 / sum(1 / s for s in speeds)) if speeds and all(speeds) else None)
+            parts = [records.get(n, {}) for n in ([name] if name in members else members)]
+            rows[name + suffix[v]] = comparison_row(name + suffix[v], name in members, v == "tta",
+                                                    probs[name + suffix[v]], val_labels, test_labels, parts)
     plain = {n: probs[n]["test"].argmax(1) for n in members}
     disagreement = {f"{a} vs {b}": float((plain[a] != plain[b]).mean())
                     for i, a in enumerate(members) for b in members[i + 1:]}

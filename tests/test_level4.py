@@ -139,8 +139,9 @@ def test_ensemble_weights_are_fitted_without_reading_the_test_labels(smoke):
 def test_tta_flipped_view_is_the_mirror_image_and_tta_averages_the_views(cifar_dir):
     from common.data import load_splits
     from common.progress import TrainingDisplay
+    from common.augment import hflip, shift, tta_views
     from common.training import select_precision
-    from levels.level4_expert import hflip, predict, shift, tta_views
+    from levels.level4_expert import predict
 
     images = load_splits(cifar_dir, train_size=10, val_size=10, test_size=20).test.images
     views = tta_views(tta=True, shifts=True)

@@ -182,6 +182,17 @@ def test_predict_averages_an_ensembles_members_over_views_with_their_vote_weight
         expected = 0.75 * member(nets[0], 32) + 0.25 * member(nets[1], 48)
     assert torch.allclose(predict_probabilities(saved, images, precision="fp32"), expected, atol=1e-5)
 
+    # a model trained with --tta-shifts: its six views are the ones Level 4 predicted with (common.augment)
+    from common.augment import tta_views
+
+    views = tta_views(tta=True, shifts=True)
+    torch.save(dict(format=MODEL_FORMAT, level=4, classes=list(CLASSES), kind="ensemble", members=members[:1],
+                    tta_views=list(views)), tmp_path / "shifts.pt")
+    with torch.no_grad():
+        expected = sum(nets[0](model_input(view(images), 32, mean, std)).softmax(1) for view in views.values()) / 6
+    shifted = predict_probabilities(load_saved_model(tmp_path / "shifts.pt"), images, precision="fp32")
+    assert torch.allclose(shifted, expected, atol=1e-5) and not torch.allclose(shifted, member(nets[0], 32), atol=1e-3)
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Level 3's figures
