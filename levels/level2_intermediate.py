@@ -157,13 +157,15 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
     # ------------------------------------------------------------------------------------------------------
     #                          Network and training, for one configuration ("arm")
 
-    def train_arm(arm: Arm, epochs: int, data: dict, title: str, history: list) -> tuple[nn.Module, FitResult]:
+    def train_arm(arm: Arm, epochs: int, data: dict, title: str, history: list, run_name: str
+                  ) -> tuple[nn.Module, FitResult]:
         model = build_model(hp.model, settings, arm, device, arm.scope, hp.img_size)
         precision = run.precision_for(model)  # bf16 where the hardware has it and it is faster (common/training.py)
+        # one checkpoint file per training run: the ablation's arm and the main run of the same arm are two runs
+        checkpoint = run.checkpoint(run_name, epochs=epochs, train_images=len(data["train"][1]))
         return model, train(model, data, hp, epochs=epochs, augmented=arm.augment, seed=settings.seed,
                             device=device, precision=precision, title=title, history=history,
-                            checkpoint=run.checkpoint(arm.name, epochs=epochs, train_images=len(data["train"][1])),
-                            on_epoch_end=run.epoch_done)
+                            checkpoint=checkpoint, on_epoch_end=run.epoch_done)
 
     # ------------------------------------------------------------------------------------------------------
     #                              Ablation: four arms, the same budget each
@@ -180,7 +182,7 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
             study["arms"].append(record)
             model, result = train_arm(arm, hp.ablation_epochs, ablation_images,
                                       f"{TITLE} — ablation {i + 1}/{len(ARMS)}: {arm.name}, {hp.ablation_epochs} "
-                                      f"epoch(s) on {arm_size:,} images", record["history"])
+                                      f"epoch(s) on {arm_size:,} images", record["history"], f"ablation, {arm.name}")
             record.update(val_accuracy=result.best_val_accuracy, best_epoch=result.best_epoch,
                           train_seconds=result.train_seconds,
                           trainable_parameters=count_parameters(model, trainable_only=True))
@@ -197,7 +199,8 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
         metrics["history"].extend(next(a for a in metrics["ablation"]["arms"] if a["name"] == chosen.name)["history"])
     else:
         model, result = train_arm(chosen, hp.epochs, images, f"{TITLE} — {chosen.name} — {hp.model} at "
-                                  f"{hp.img_size}px on {metrics['environment']['device']}", metrics["history"])
+                                  f"{hp.img_size}px on {metrics['environment']['device']}", metrics["history"],
+                                  f"main run, {chosen.name}")
     trained.clear()
     precision = run.precision_for(model)
     metrics.update(approach=chosen.name.capitalize() + (", chosen by an ablation" if hp.ablation else ""),

@@ -130,6 +130,19 @@ def level2_run(cifar_dir, lite0_weights, tmp_path_factory):
     return json.loads((out / "level2" / "metrics.json").read_text()), out, result.stdout
 
 
+def test_resume_with_a_main_run_longer_than_the_arms_keeps_their_checkpoints_apart(cifar_dir, lite0_weights, tmp_path):
+    """--ablation-epochs below --epochs: the chosen arm is trained again for the main run. Its checkpoint must
+    not be the arm's (a full-data run once stopped here: "the checkpoint comes from a different run")."""
+    result = run_cli("run.py", "level", "2", "--quick", "--model", "efficientnet_lite0", "--img-size", "32",
+                     "--train-size", "200", "--val-size", "100", "--test-size", "100", "--epochs", "2",
+                     "--ablation-epochs", "1", "--weights", str(lite0_weights), "--data-dir", str(cifar_dir),
+                     "--out-dir", str(tmp_path), "--resume")
+    assert result.returncode == 0, result.stdout + result.stderr
+    m = json.loads((tmp_path / "level2" / "metrics.json").read_text())
+    assert m["status"] == "complete" and m["configuration"]["reused_ablation_arm"] is False
+    assert [h["epoch"] for h in m["history"]] == [1, 2] and not (tmp_path / "level2" / "checkpoints").exists()
+
+
 def test_the_ablation_runs_its_four_arms_on_one_budget(level2_run):
     m, out, stdout = level2_run
     assert m["status"] == "complete" and m["quick"] is True
