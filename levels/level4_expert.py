@@ -249,7 +249,8 @@ def run_member(run: LevelRun, number: int, count: int, name: str, weights: str |
                   tta_images_per_second=n_test / sum(seconds["test"].values()))
     saved = dict(name=name, kind="se" if name.endswith("+se") else "timm", model=name.removesuffix("+se"),
                  img_size=hp.img_size, mean=list(mean), std=list(std), reduction=hp.se_reduction,
-                 se_in_layer4=False, drop_path=hp.drop_path, state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()})
+                 se_in_layer4=False, drop_path=hp.drop_path,
+                 state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()})
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the next member starts from an empty GPU
