@@ -276,8 +276,10 @@ def render_ensemble_report(metrics: dict, title: str) -> str:
         f"over {cfg['warmup']:.0%} of the steps then cosine to zero, {cfg['epochs']} epoch(s), batch {cfg['batch_size']}; "
         "the epoch with the best validation accuracy is kept.",
         f"- **Regularization**: MixUp {'on (α 0.8)' if cfg['mixup'] else 'off'}, CutMix "
-        f"{'on (α 1.0)' if cfg['cutmix'] else 'off'} (timm's Mixup: one of the two per batch, soft targets and "
-        f"soft-target cross-entropy), label smoothing {cfg['label_smoothing']}, stochastic depth (drop path) "
+        f"{'on (α 1.0)' if cfg['cutmix'] else 'off'} "
+        + ("(timm's Mixup: one of the two per batch, soft targets and soft-target cross-entropy)"
+           if cfg["mixup"] or cfg["cutmix"] else "(hard targets, cross-entropy)")
+        + f", label smoothing {cfg['label_smoothing']}, stochastic depth (drop path) "
         f"{cfg['drop_path']}, AutoAugment CIFAR-10 policy {'on' if cfg['autoaugment'] else 'off'} (per image at "
         "32×32, before the random crop and flip, then the resize).",
         f"- **Test-time augmentation**: views {', '.join(metrics['tta_views'])}; the probabilities of the views are "

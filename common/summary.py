@@ -121,6 +121,9 @@ def _partial_fine_tuning_judge(m: dict, _: Path) -> Verdict:
     if trainable == head:
         return Verdict(FAIL, f"the main run ({m.get('configuration', {}).get('name', '—')}) trained the head alone: "
                              f"{head:,} of {total:,} parameters")
+    if trainable == total:
+        return Verdict(FAIL, f"the main run ({m.get('configuration', {}).get('name', '—')}) trained the whole "
+                             f"network: {total:,} of {total:,} parameters, nothing frozen")
     ok = trainable == head + stage < total
     return Verdict(PASS if ok else FAIL, f"{trainable:,} of {total:,} parameters trained (last stage {stage:,}, "
                                          f"head {head:,}); the rest frozen, BatchNorm statistics included")
