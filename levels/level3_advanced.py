@@ -101,13 +101,14 @@ CPU_PROFILE = dict(model="efficientnet_lite0", img_size=128, epochs=5, lr=1e-3, 
                    label_smoothing=0.1, fine_tune_scope="all")
 
 TITLE = "Level 3: SE attention and per-class analysis"
-APPROACH = "Backbone + Squeeze-and-Excitation + head, last stage fine-tuned"
+APPROACH = "Backbone + Squeeze-and-Excitation + head, {scope} fine-tuned"
 
 
 def main(argv: list[str] | None = None) -> int:
     settings, hp = parse_args(argv, Hyperparameters(), prog="level3_advanced.py", description=__doc__,
                               profiles=dict(cpu=CPU_PROFILE))
-    run = LevelRun(3, TITLE, APPROACH, settings, hp)
+    scope = "the whole network" if hp.fine_tune_scope == "all" else "last stage"
+    run = LevelRun(3, TITLE, APPROACH.format(scope=scope), settings, hp)
     return run.execute(lambda: train_and_evaluate(run, settings, hp))
 
 
@@ -232,8 +233,8 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
     #                                             Network
     model = build_se_model(hp.model, settings.pretrained, settings.weights, se_in_layer4=hp.se_in_layer4,
                            reduction=hp.reduction)
-    # Trains: the last stage (with its SE blocks, if any), the SE block on the final feature map, the new head.
-    # The rest is frozen, BatchNorm statistics included, as in Level 2.
+    # Trains: the last stage (with its SE blocks, if any; or the whole backbone with --fine-tune-scope all), the SE
+    # block on the final feature map, the new head. The rest is frozen, BatchNorm statistics included, as in Level 2.
     train_only(model, [*fine_tune_scope(model.backbone, hp.fine_tune_scope), model.se, zero_head(model)])
     model = model.to(device, memory_format=torch.channels_last)
     check_input_size(model, hp.img_size, hp.model)
