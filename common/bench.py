@@ -437,10 +437,11 @@ def run_bench(recipe_sources: dict, level1_main: Callable | None = None, quick: 
 
     peak, peak_source = peak_flops(dev)
     report = dict(environment=environment(dev, precision), device=device_name(dev), precision=precision.name,
+                  precision_flag=precision_flag,
                   profile="quick" if quick else "full", steps=profile["steps"], repeats=profile["repeats"],
                   compile=compile, peak_flops_per_second=peak, peak_flops_source=peak_source,
                   host=host, recipes=[], skipped=skipped, level1_cache=None)
-    console.print(f"Benchmark on {report['device']} ({precision.name}), {report['profile']} profile: "
+    console.print(f"Benchmark on {report['device']} (--precision {precision_flag}), {report['profile']} profile: "
                   f"{profile['steps']} steps x {profile['repeats']} turns per measurement", highlight=False)
     for s in skipped:
         console.print(f"[yellow]Skipped level {s['level']}:[/] {s['reason']}", highlight=False)
@@ -512,7 +513,8 @@ def _rows(report: dict) -> list[list[str]]:
     rows = []
     for r in report["recipes"]:
         frac = "—" if r["fraction_of_peak"] is None else f"{r['fraction_of_peak']:.1%}"
-        rows.append([r["name"], f"{r['model']} @ {r['img_size']} px, batch {r['batch_size']}", r["trainable"],
+        rows.append([r["name"], f"{r['model']} @ {r['img_size']} px, batch {r['batch_size']}",
+                     f"{r['precision']['train']} / {r['precision']['inference']}", r["trainable"],
                      r["augmentation"], f"{r['train_images_per_second']:,.1f}",
                      f"{r['upper_bound_images_per_second']:,.1f}", f"{r['pipeline_overhead']:.3f}",
                      f"{r['pipeline_overhead_best_turns']:.3f}",
@@ -522,14 +524,15 @@ def _rows(report: dict) -> list[list[str]]:
     return rows
 
 
-COLUMNS = ["recipe", "model", "trained", "augmentation", "train img/s (real)", "train img/s (staged)",
+COLUMNS = ["recipe", "model", "precision (train / eval)", "trained", "augmentation", "train img/s (real)", "train img/s (staged)",
            "pipeline_overhead", "(best turns)", "pipeline alone", "eval img/s", "train GFLOP/img", "TFLOP/s", "of peak", "peak device mem"]
 
 
 def render_markdown(report: dict) -> str:
     lines = ["# Benchmark", "",
              f"Measured by `python run.py bench{' --quick' if report['profile'] == 'quick' else ''}"
-             f"{' --compile' if report['compile'] else ''}` on **{report['device']}** ({report['precision']}), "
+             f"{' --compile' if report['compile'] else ''}` on **{report['device']}** (--precision "
+             f"{report.get('precision_flag', report['precision'])}: each recipe's choice in the precision column), "
              f"torch {report['environment']['torch']}, {report['profile']} profile: each figure is the median of "
              f"{report['repeats']} turns of {report['steps']} training steps, real pipeline and pre-staged inputs "
              f"in alternation. Random weights (speed does not depend on them).", "",
@@ -597,9 +600,11 @@ def render_markdown(report: dict) -> str:
 def _print_table(report: dict) -> None:
     from rich.table import Table
 
-    table = Table(title=f"Benchmark: {report['device']} ({report['precision']}), {report['profile']} profile",
+    table = Table(title=f"Benchmark: {report['device']} (--precision {report.get('precision_flag', report['precision'])}), "
+                        f"{report['profile']} profile",
                   title_justify="left")
-    shown = [i for i, name in enumerate(COLUMNS) if name not in ("trained", "augmentation")]  # in bench.md
+    shown = [i for i, name in enumerate(COLUMNS)  # the others are in bench.md (and precision in the lines below)
+             if name not in ("precision (train / eval)", "trained", "augmentation")]
     for i in shown:
         table.add_column(COLUMNS[i], justify="left" if i < 2 else "right")
     for row in _rows(report):

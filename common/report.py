@@ -278,7 +278,7 @@ def render_ensemble_report(metrics: dict, title: str) -> str:
         f"- **Regularization**: MixUp {'on (α 0.8)' if cfg['mixup'] else 'off'}, CutMix "
         f"{'on (α 1.0)' if cfg['cutmix'] else 'off'} "
         + ("(timm's Mixup: one of the two per batch, soft targets and soft-target cross-entropy)"
-           if cfg["mixup"] or cfg["cutmix"] else "(hard targets, cross-entropy)")
+           if cfg["mixup"] or cfg["cutmix"] else "(cross-entropy against the labels, no mixing)")
         + f", label smoothing {cfg['label_smoothing']}, stochastic depth (drop path) "
         f"{cfg['drop_path']}, AutoAugment CIFAR-10 policy {'on' if cfg['autoaugment'] else 'off'} (per image at "
         "32×32, before the random crop and flip, then the resize).",

@@ -8,6 +8,7 @@ the end, and turns every way a run can end into an exit code and a message a use
 from __future__ import annotations
 
 import dataclasses
+import json
 import platform
 import shutil
 import sys
@@ -20,7 +21,7 @@ from common.data import DataError
 from common.distributed import is_main_process, world_size
 from common.io import OutputError, check_writable, safe_filename, torch_save_atomic
 from common.progress import console
-from common.records import this_process, write_metrics
+from common.records import metrics_path, this_process, write_metrics
 from common.summary import write_summary
 from common.training import EpochCheckpoint, SetupError, TrainingDiverged, code_version
 
@@ -30,6 +31,24 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 NOT_IN_SIGNATURE = ("out_dir", "data_dir", "device", "resume", "quick", "profile")
 
 MODEL_FORMAT = "cifar10-levels model v1"
+
+
+def time_already_spent(out_dir: Path, level: int, metrics: dict) -> float:
+    """The wall time of the unfinished run that --resume continues: the total_seconds in its metrics.json, which
+    it wrote after its last finished epoch (an epoch lost with the process is not counted). 0 when there is no
+    such run: none on disk, a complete one, or one with other flags or code (its checkpoints are refused)."""
+    try:
+        earlier = json.loads(metrics_path(out_dir, level).read_text())
+    except (OSError, json.JSONDecodeError):
+        return 0.0
+
+    def recipe(m: dict) -> dict:
+        return {k: v for k, v in m.get("config", {}).items() if k not in NOT_IN_SIGNATURE}
+
+    if earlier.get("status") == "complete" or earlier.get("code_version") != metrics["code_version"] \
+            or recipe(earlier) != recipe(metrics):
+        return 0.0
+    return float(earlier.get("total_seconds") or 0.0)
 
 
 def environment(device, precision=None) -> dict:
@@ -63,6 +82,10 @@ class LevelRun:
             environment=None, figures={}, command=" ".join(sys.argv), process=this_process(),
             started_at=time.strftime("%Y-%m-%d %H:%M:%S %Z"), code_version=code_version(),
         )
+        # --resume continues a run that has already spent time (in a session that ended, say): total_seconds counts
+        # it too, so that "in all" is never less than the training time summed over the epochs
+        self.metrics["resumed_after_seconds"] = time_already_spent(self.out_dir, level, self.metrics) \
+            if settings.resume else 0.0
 
     # -- setup -------------------------------------------------------------------------------------------------
     def setup(self, settings):
@@ -158,7 +181,7 @@ class LevelRun:
 
     def write(self, status: str, summary: bool = True) -> None:
         self.metrics["status"] = status
-        self.metrics["total_seconds"] = time.perf_counter() - self.started
+        self.metrics["total_seconds"] = self.metrics["resumed_after_seconds"] + time.perf_counter() - self.started
         if not is_main_process():  # under torchrun every process holds the same metrics; rank 0 writes them
             return
         write_metrics(self.out_dir, self.level, self.metrics)

@@ -98,6 +98,14 @@ CHECKLISTS: dict[int, list[tuple[str, Judge | None]]] = {
 # -- Levels 2 and 3
 
 
+def _precision_text(m: dict, env: dict) -> str:
+    """"training fp32, inference bf16" where the run recorded both (Levels 1 to 3), else the device's default."""
+    chosen = m.get("precision") or {}
+    if isinstance(chosen, dict) and "train" in chosen:
+        return f"training {chosen['train']}, inference {chosen['inference']}"
+    return env.get("precision", "—")
+
+
 def _section(m: dict, heading: str) -> str:
     """The markdown of the level's section whose heading starts with `heading` ("" when there is none)."""
     return next((s.get("markdown", "") for s in m.get("sections", []) if s.get("heading", "").startswith(heading)), "")
@@ -380,8 +388,9 @@ def _level_section(m: dict, out_dir: Path) -> list[str]:
               f"validation {pct(m.get('val_accuracy'))} on {m.get('val_size')}; trained on {m.get('train_size')}",
               f"- Model: {cfg.get('model')} at {cfg.get('img_size')} px, {cfg.get('epochs')} epoch(s), "
               f"batch {cfg.get('batch_size')}, lr {cfg.get('lr')}",
-              f"- Time: {_minutes(m.get('train_seconds'))} training, {_minutes(m.get('total_seconds'))} in all, on "
-              f"{env.get('device', '—')} ({env.get('precision', '—')})",
+              f"- Time: {_minutes(m.get('train_seconds'))} training, {_minutes(m.get('total_seconds'))} in all"
+              + (f" ({_minutes(m['resumed_after_seconds'])} of it before --resume)" if m.get("resumed_after_seconds")
+                 else "") + f", on {env.get('device', '—')} ({_precision_text(m, env)})",
               f"- Command: `{m.get('command', '')}`"]
     for section in m.get("sections", []):
         lines += ["", f"### {section['heading']}", "", section["markdown"]]

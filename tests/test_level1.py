@@ -195,6 +195,8 @@ def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(cifar_dir,
     a = json.loads((tmp_path / "straight" / "level1" / "metrics.json").read_text())
     b = json.loads((tmp_path / "killed" / "level1" / "metrics.json").read_text())
     assert b["status"] == "complete" and _untimed(a["history"]) == _untimed(b["history"])
+    # the time: the killed process's (up to its last saved epoch) plus the resumed one's
+    assert b["resumed_after_seconds"] == killed["total_seconds"] > 0 and b["total_seconds"] > killed["total_seconds"]
     assert a["test_accuracy"] == b["test_accuracy"] and a["best_epoch"] == b["best_epoch"]
     assert not (tmp_path / "killed" / "level1" / "checkpoints").exists()  # removed on success
     saved = torch.load(tmp_path / "killed" / "level1" / "model.pt", weights_only=True)
