@@ -20,6 +20,7 @@ from common.progress import TrainingDisplay
 from common.training import EpochCheckpoint, FitResult, TensorBatches, cosine_schedule, fit, make_optimizer, model_input
 
 SCOPES = ("last-stage", "all")
+SCOPE_WORDS = {"last-stage": "the last stage", "all": "the whole network"}  # for reports and titles
 
 
 def crop_flip_jitter(batch: torch.Tensor, hp) -> torch.Tensor:

@@ -111,12 +111,17 @@ def _section(m: dict, heading: str) -> str:
     return next((s.get("markdown", "") for s in m.get("sections", []) if s.get("heading", "").startswith(heading)), "")
 
 
+def _main_run_name(m: dict) -> str:
+    """Level 2's main configuration in words, e.g. "augmentation, whole network"."""
+    return m.get("configuration", {}).get("name", "—")
+
+
 def _augmentation_judge(m: dict, _: Path) -> Verdict:
     steps = m.get("augmentation")
     if steps is None:
         return Verdict(FAIL, "no augmentation recorded")
     if not steps:
-        return Verdict(FAIL, f"the main run ({m.get('configuration', {}).get('name', '—')}) trained without "
+        return Verdict(FAIL, f"the main run ({_main_run_name(m)}) trained without "
                              f"augmentation; see the ablation's choice")
     return Verdict(PASS, "per image, on the device, at 32×32: " + "; ".join(steps))
 
@@ -127,10 +132,10 @@ def _partial_fine_tuning_judge(m: dict, _: Path) -> Verdict:
     if None in (trainable, head, stage, total):
         return Verdict(FAIL, "parameter counts not recorded")
     if trainable == head:
-        return Verdict(FAIL, f"the main run ({m.get('configuration', {}).get('name', '—')}) trained the head alone: "
+        return Verdict(FAIL, f"the main run ({_main_run_name(m)}) trained the head alone: "
                              f"{head:,} of {total:,} parameters")
     if trainable == total:
-        return Verdict(FAIL, f"the main run ({m.get('configuration', {}).get('name', '—')}) trained the whole "
+        return Verdict(FAIL, f"the main run ({_main_run_name(m)}) trained the whole "
                              f"network: {total:,} of {total:,} parameters, nothing frozen")
     ok = trainable == head + stage < total
     return Verdict(PASS if ok else FAIL, f"{trainable:,} of {total:,} parameters trained (last stage {stage:,}, "

@@ -51,7 +51,8 @@ from torch import nn
 
 from common.cli import parse_args
 from common.data import CLASSES, stratified_subset
-from common.finetuning import augmentation_steps, crop_flip_jitter, evaluation_batches, fine_tune_scope, train
+from common.finetuning import (SCOPE_WORDS, augmentation_steps, crop_flip_jitter, evaluation_batches, fine_tune_scope,
+                               train)
 from common.models import check_input_size, create_model, last_stage, pretrained_tag, train_only, zero_head
 from common.plots import plot_ablation, plot_augmentation, plot_training_curves
 from common.results import LevelRun
@@ -318,7 +319,7 @@ def improvement_analysis(metrics: dict, level1_text: str) -> str:
         study, n = metrics["ablation"], metrics["val_size"]
         acc = {(a["augment"], a["fine_tune"]): a["val_accuracy"] for a in study["arms"]}
 
-        tuned = "the last stage" if metrics["configuration"]["scope"] == "last-stage" else "the whole network"
+        tuned = SCOPE_WORDS[metrics["configuration"]["scope"]]
 
         def effect(new, old):
             return describe(difference(acc[new], acc[old], n, n))

@@ -56,7 +56,7 @@ from torch import nn
 
 from common.cli import parse_args
 from common.data import CLASSES
-from common.finetuning import augmentation_steps, evaluation_batches, fine_tune_scope, train
+from common.finetuning import SCOPE_WORDS, augmentation_steps, evaluation_batches, fine_tune_scope, train
 from common.io import save_npz_atomic, write_text_atomic
 from common.models import (check_input_size, create_model, last_stage, normalization, pretrained_tag, train_only,
                            zero_head)
@@ -107,8 +107,7 @@ APPROACH = "Backbone + Squeeze-and-Excitation + head, {scope} fine-tuned"
 def main(argv: list[str] | None = None) -> int:
     settings, hp = parse_args(argv, Hyperparameters(), prog="level3_advanced.py", description=__doc__,
                               profiles=dict(cpu=CPU_PROFILE))
-    scope = "the whole network" if hp.fine_tune_scope == "all" else "last stage"
-    run = LevelRun(3, TITLE, APPROACH.format(scope=scope), settings, hp)
+    run = LevelRun(3, TITLE, APPROACH.format(scope=SCOPE_WORDS.get(hp.fine_tune_scope, hp.fine_tune_scope)), settings, hp)
     return run.execute(lambda: train_and_evaluate(run, settings, hp))
 
 
