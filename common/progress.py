@@ -51,7 +51,8 @@ class PlainProgress:
 class TrainingDisplay:
     """Shows one training run (a level, or one ensemble member). Use as a context manager."""
 
-    COLUMNS = ["epoch", "train loss", "train acc", "val loss", "val acc", "lr", "img/s", "time"]
+    # "start lr": the learning rate at the epoch's first step; the schedule moves it every step (warm-up, cosine)
+    COLUMNS = ["epoch", "train loss", "train acc", "val loss", "val acc", "start lr", "img/s", "time"]
 
     def __init__(self, title: str, epochs: int, live: bool | None = None):
         self.title, self.epochs = title, epochs

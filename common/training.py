@@ -343,7 +343,7 @@ class EpochStats:
     train_accuracy: float
     val_loss: float
     val_accuracy: float
-    lr: float
+    lr: float  # at the epoch's first step (the schedule steps per batch)
     images_per_second: float
     seconds: float
 
