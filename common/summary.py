@@ -99,11 +99,31 @@ CHECKLISTS: dict[int, list[tuple[str, Judge | None]]] = {
 
 
 def _precision_text(m: dict, env: dict) -> str:
-    """"training fp32, inference bf16" where the run recorded both (Levels 1 to 3), else the device's default."""
+    """"training fp32, inference bf16" where the run recorded both: once for Levels 1 to 3, per member for
+    Level 4 (one phrase when the members agree); else the device's default."""
     chosen = m.get("precision") or {}
     if isinstance(chosen, dict) and "train" in chosen:
         return f"training {chosen['train']}, inference {chosen['inference']}"
+    per_member = {name: p for name, p in chosen.items() if isinstance(p, dict) and "train" in p} \
+        if isinstance(chosen, dict) else {}
+    phrases = {name: f"training {p['train']}, inference {p['inference']}" for name, p in per_member.items()}
+    if phrases and len(set(phrases.values())) == 1:
+        return next(iter(phrases.values())) + ", every member"
+    if phrases:
+        return "; ".join(f"{name}: {phrase}" for name, phrase in phrases.items())
     return env.get("precision", "—")
+
+
+def _time_text(m: dict) -> str:
+    """Training time and time in all. A record from before --resume counted earlier processes (metrics without
+    resumed_after_seconds) may hold less "in all" than training: it is then only the last process's time."""
+    train, total = m.get("train_seconds"), m.get("total_seconds")
+    text = f"{_minutes(train)} training, "
+    if m.get("resumed_after_seconds"):
+        return text + f"{_minutes(total)} in all ({_minutes(m['resumed_after_seconds'])} of it before --resume)"
+    if train is not None and total is not None and total < train:
+        return text + f"{_minutes(total)} in the last process (resumed; the earlier processes' time not recorded)"
+    return text + f"{_minutes(total)} in all"
 
 
 def _section(m: dict, heading: str) -> str:
@@ -393,9 +413,7 @@ def _level_section(m: dict, out_dir: Path) -> list[str]:
               f"validation {pct(m.get('val_accuracy'))} on {m.get('val_size')}; trained on {m.get('train_size')}",
               f"- Model: {cfg.get('model')} at {cfg.get('img_size')} px, {cfg.get('epochs')} epoch(s), "
               f"batch {cfg.get('batch_size')}, lr {cfg.get('lr')}",
-              f"- Time: {_minutes(m.get('train_seconds'))} training, {_minutes(m.get('total_seconds'))} in all"
-              + (f" ({_minutes(m['resumed_after_seconds'])} of it before --resume)" if m.get("resumed_after_seconds")
-                 else "") + f", on {env.get('device', '—')} ({_precision_text(m, env)})",
+              f"- Time: {_time_text(m)}, on {env.get('device', '—')} ({_precision_text(m, env)})",
               f"- Command: `{m.get('command', '')}`"]
     for section in m.get("sections", []):
         lines += ["", f"### {section['heading']}", "", section["markdown"]]

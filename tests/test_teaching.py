@@ -413,3 +413,27 @@ def test_run_all_says_which_level_is_running_and_the_time_so_far():
     result = run_cli("run.py", "all", "--help", env=ONE_THREAD)  # the flags go to Level 1, which prints its help
     assert result.returncode == 0, output(result)
     assert re.search(r"Level 1 of 4 \(levels/level1_baseline\.py\) — \d+s elapsed overall", output(result))
+
+
+def test_summary_time_and_precision_lines_say_what_was_measured(tmp_path):
+    """Level 4 records precision per member; a record resumed before resumed_after_seconds existed has less time
+    "in all" than training, and must not be printed as the run's whole time."""
+    out = tmp_path / "out"
+    (out / "level4").mkdir(parents=True)
+    both = dict(train="fp32", inference="bf16", reason="r")
+    record = dict(level=4, title="t", status="complete", config=dict(epochs=3), history=[], train_seconds=600.0,
+                  total_seconds=300.0, environment=dict(device="CPU", precision="fp32"),
+                  precision=dict(a=both, b=both))
+    (out / "level4" / "metrics.json").write_text(json.dumps(record))
+    result = run_cli("run.py", "summary", "--out-dir", str(out), env=ONE_THREAD)
+    assert result.returncode == 0, output(result)
+    time_line = next(line for line in (out / "summary.md").read_text().splitlines() if line.startswith("- Time:"))
+    assert "10.0 min training, 5.0 min in the last process (resumed" in time_line, time_line
+    assert "(training fp32, inference bf16, every member)" in time_line, time_line
+
+    record.update(total_seconds=900.0, resumed_after_seconds=400.0, precision=dict(a=both, b=dict(both, train="bf16")))
+    (out / "level4" / "metrics.json").write_text(json.dumps(record))
+    assert run_cli("run.py", "summary", "--out-dir", str(out), env=ONE_THREAD).returncode == 0
+    time_line = next(line for line in (out / "summary.md").read_text().splitlines() if line.startswith("- Time:"))
+    assert "15.0 min in all (6.7 min of it before --resume)" in time_line, time_line
+    assert "a: training fp32, inference bf16; b: training bf16, inference bf16" in time_line, time_line
