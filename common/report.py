@@ -8,6 +8,7 @@ copied from elsewhere, so a reader can check every number against metrics.json a
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -248,6 +249,33 @@ def ensemble_findings(metrics: dict) -> list[str]:
     return out
 
 
+def _family(model_name: str) -> str:
+    """"efficientnet" for efficientnet_lite0+se, "resnet50" for resnet50+se, "vit" for vit_small_patch16_224."""
+    return re.split(r"[_+.]", model_name)[0]
+
+
+def _one_family_caveat(members: list[str]) -> str:
+    """What the motivation must add when every member comes from one family (the CPU profile's three
+    EfficientNet-Lites): their mistakes are more alike than those of different architectures."""
+    families = {_family(m) for m in members}
+    if len(members) < 2 or len(families) > 1:
+        return ""
+    return (f" This run's members are one family ({families.pop()}) at different sizes, not different "
+            "architectures: they share their inductive biases, so they tend to make more of the same mistakes, "
+            "and an ensemble of them is expected to gain less than one of different architectures.")
+
+
+def _precisions(metrics: dict) -> str:
+    """"training fp32, inference bf16" (every member), or each member's where they differ."""
+    chosen = {name: f"training {p['train']}, inference {p['inference']}"
+              for name, p in (metrics.get("precision") or {}).items() if isinstance(p, dict) and "train" in p}
+    if not chosen:
+        return f"{metrics['environment']['precision']} precision"
+    if len(set(chosen.values())) == 1:
+        return next(iter(chosen.values())) + " (every member)"
+    return "; ".join(f"{name}: {text}" for name, text in chosen.items())
+
+
 def render_ensemble_report(metrics: dict, title: str) -> str:
     """OUT/level4/report.md: motivation, methods, setup, results, analysis, limitations, how to reproduce."""
     cfg, env = metrics["config"], metrics["environment"]
@@ -255,6 +283,7 @@ def render_ensemble_report(metrics: dict, title: str) -> str:
     figures = "\n\n".join(f"![{k}]({Path(p).relative_to('level4').as_posix()})"
                           for k, p in metrics["figures"].items() if k in ("accuracy", "reliability"))
     command = metrics["command"]
+    fresh_command = " ".join(part for part in command.split(" ") if part != "--resume")
     lines = [
         f"# {title}: report", "",
         "> Every number below was measured by the run that wrote this file "
@@ -266,7 +295,7 @@ def render_ensemble_report(metrics: dict, title: str) -> str:
         "different principles tend to make different mistakes, and averaging their predicted probabilities "
         "cancels some of them. This level asks how much an ensemble of three architectures, each fine-tuned with "
         "modern regularization, gains over its best member on CIFAR-10, what test-time augmentation adds, and "
-        "what it all costs in parameters, training time and inference speed.", "",
+        "what it all costs in parameters, training time and inference speed." + _one_family_caveat(members), "",
         "## Methods", "",
         f"- **Members**: {', '.join(members)}. `NAME+se` is Level 3's network: NAME with a Squeeze-and-Excitation "
         "block on its final feature map. Each member gets a fresh 10-way head and is fine-tuned in full (every "
@@ -296,7 +325,7 @@ def render_ensemble_report(metrics: dict, title: str) -> str:
         f"- **Splits**: {metrics['train_size']:,} training images (from the official 50,000, stratified, split seed "
         f"42), {metrics['val_size']:,} validation images (choice of epoch, ensemble weights), "
         f"{metrics['test_size']:,} test images (the official test set, scored once at the end).",
-        f"- **Hardware**: {env['device']}, {env['precision']} precision; torch {env['torch']}, timm {env['timm']}.",
+        f"- **Hardware**: {env['device']}, {_precisions(metrics)}; torch {env['torch']}, timm {env['timm']}.",
         f"- **Budget**: {cfg['epochs']} epoch(s) per member at {cfg['img_size']} px; training took "
         f"{duration(metrics['train_seconds'])} for the {len(members)} members together.",
         f"- **Seed**: {cfg['seed']} (initialization, shuffling, augmentation); the split is fixed.", "",
@@ -313,14 +342,14 @@ def render_ensemble_report(metrics: dict, title: str) -> str:
         "rows may not repeat.",
         "- The validation set chooses each member's epoch and fits the ensemble weights, so the validation "
         "numbers of the members and of the weighted vote are slightly optimistic; the test numbers are not.",
-        "- Full fine-tuning at the members' pretraining resolution is the expensive part; the recipe (learning "
-        "rate, epochs) is shared by the three members rather than tuned for each.",
+        f"- Full fine-tuning of every member at {cfg['img_size']} px is the expensive part; the recipe (learning "
+        "rate, epochs) is shared by the members rather than tuned for each.",
         "- No exponential moving average of weights (optional in the plan; not built).",
         "- Inference speed is measured on this run's hardware and precision, with the preprocessing included.", "",
         "## How to reproduce", "",
-        "```bash", f"python {command}",
-        f"python {command}{'' if '--resume' in command else ' --resume'}   # after an interruption: "
-        "continues each member from its last finished epoch",
+        "```bash", f"python {fresh_command}",
+        f"python {fresh_command} --resume   # after an interruption: continues each member from its last finished "
+        "epoch",
         "```", "",
         f"Seed {cfg['seed']}; the split seed is always 42. The members and the chosen ensemble: "
         f"`{metrics.get('model_file', 'level4/model.pt')}`; every probability behind these tables: "

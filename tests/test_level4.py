@@ -84,6 +84,9 @@ def test_report_and_summary_show_every_member_and_ensemble(smoke):
     assert "| **weighted vote** (chosen) | yes |" in report
     assert f"{100 * m['test_accuracy']:.2f}%" in report and "Smoke run" in report
     assert "CPU" in report and "--resume" in report
+    hardware = next(line for line in report.splitlines() if line.startswith("- **Hardware**"))
+    assert all(f"training {p['train']}, inference {p['inference']}" in hardware for p in m["precision"].values())
+    assert "one family" not in report  # ResNet, EfficientNet and ViT: three architectures
     summary = (out / "summary.md").read_text()
     level4 = {line.split(" | ")[1]: line for line in summary.splitlines() if line.startswith("| 4 | ")}
     assert "❌" in level4["Test accuracy ≥ 93%"] and "smoke run" in level4["Test accuracy ≥ 93%"]
@@ -345,3 +348,11 @@ def test_drop_path_is_active_in_training_and_off_in_evaluation():
     assert torch.equal(a, b)
     a, b = outputs(0.0, train=True)
     assert torch.allclose(a, b)
+
+
+def test_report_says_when_the_members_are_one_family():
+    from common.report import _one_family_caveat
+
+    assert "one family (efficientnet)" in _one_family_caveat(["efficientnet_lite0+se", "efficientnet_lite1",
+                                                               "efficientnet_lite2"])
+    assert _one_family_caveat(["resnet50+se", "efficientnet_b0", "vit_small_patch16_224"]) == ""
