@@ -77,7 +77,10 @@ class Hyperparameters:
 
 # --profile cpu: the whole data set on a CPU. EfficientNet-Lite0 (ImageNet weights, 4.7 M parameters) at
 # 224 px: its frozen features reach about 79% with a linear head, against 74% at 128 px and 58% at 64.
-CPU_PROFILE = dict(model="efficientnet_lite0", img_size=224)
+# 15 epochs at lr 3e-3: the head costs seconds on cached features, and 5 at 1e-3 left it underfit (measured on
+# the full data, 2-core Xeon: train accuracy 80.8%, validation 78.09%, test 77.69%; with 15 at 3e-3: 85.5%,
+# 78.57%, 78.32%, in 17 min, nearly all of it the feature pass).
+CPU_PROFILE = dict(model="efficientnet_lite0", img_size=224, epochs=15, lr=3e-3)
 
 TITLE = "Level 1: transfer learning baseline"
 APPROACH = "Frozen ImageNet backbone + linear head"
