@@ -15,6 +15,7 @@ import numpy as np
 
 from common.data import CLASSES
 from common.io import safe_filename, write_text_atomic
+from common.stats import describe
 
 CALIBRATION_BINS = 15
 
@@ -203,13 +204,19 @@ def ensemble_findings(metrics: dict) -> list[str]:
     reference = metrics["best_member"] + (" + TTA" if tta else "")
     ens, ref = rows[metrics["chosen"]], rows[reference]
     n = metrics["test_size"]
-    se = math.sqrt(max(ens["test_accuracy"] * (1 - ens["test_accuracy"]), 1e-12) / n)
-    gain = ens["test_accuracy"] - ref["test_accuracy"]
-    noise = "more than" if abs(gain) > 2 * se else "within"
-    out = [f"- **Ensemble against the best member.** The chosen ensemble ({metrics['chosen']}) reaches "
-           f"{pct(ens['test_accuracy'])} on the {n:,} test images, against {pct(ref['test_accuracy'])} for the best "
-           f"single member chosen on validation ({reference}): {100 * gain:+.2f} points, {noise} two standard errors "
-           f"of an accuracy measured on {n:,} images (±{100 * 2 * se:.2f} points)."]
+    start = (f"- **Ensemble against the best member.** The chosen ensemble ({metrics['chosen']}) reaches "
+             f"{pct(ens['test_accuracy'])} on the {n:,} test images, against {pct(ref['test_accuracy'])} for the best "
+             f"single member chosen on validation ({reference}): ")
+    paired = metrics.get("gain_over_best_member")
+    if paired:  # both scored on the same images: only those on which they differ count
+        out = [start + f"{describe(paired)}. Paired on the same images: {paired['only_new']:,} right only for "
+               f"the ensemble, {paired['only_old']:,} only for {reference}."]
+    else:  # a record from before the paired comparison: the (larger) standard error of one accuracy
+        se = math.sqrt(max(ens["test_accuracy"] * (1 - ens["test_accuracy"]), 1e-12) / n)
+        gain = ens["test_accuracy"] - ref["test_accuracy"]
+        noise = "more than" if abs(gain) > 2 * se else "within"
+        out = [start + f"{100 * gain:+.2f} points, {noise} two standard errors of an accuracy measured on {n:,} "
+               f"images (±{100 * 2 * se:.2f} points)."]
     members = list(metrics["members"])
     if tta:
         deltas = [rows[f"{k} + TTA"]["test_accuracy"] - rows[k]["test_accuracy"] for k in members]

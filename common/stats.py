@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
+
 from common.records import load_metrics
 
 
@@ -23,6 +25,20 @@ def difference(new: float, old: float, n_new: int, n_old: int) -> dict:
     independent); beyond noise when it is more than two standard errors."""
     se = math.hypot(standard_error(new, n_new), standard_error(old, n_old))
     return dict(points=100 * (new - old), standard_error_points=100 * se, beyond_noise=abs(new - old) > 2 * se)
+
+
+def paired_difference(new_correct, old_correct) -> dict:
+    """new - old in points when both were scored on the same images (arrays of right/wrong per image): only the
+    images on which they differ carry information. b images right only for new, c only for old, n in all:
+    the difference is (b - c) / n, its standard error sqrt((b + c) / n - ((b - c) / n)^2) / sqrt(n) (the
+    paired, McNemar-style one; smaller than difference()'s when the two mostly agree)."""
+    new_correct, old_correct = np.asarray(new_correct, bool), np.asarray(old_correct, bool)
+    n = max(len(new_correct), 1)
+    b, c = int((new_correct & ~old_correct).sum()), int((~new_correct & old_correct).sum())
+    d = (b - c) / n
+    se = math.sqrt(max((b + c) / n - d * d, 0.0) / n)
+    return dict(points=100 * d, standard_error_points=100 * se, beyond_noise=abs(d) > 2 * se,
+                only_new=b, only_old=c)
 
 
 def describe(d: dict) -> str:

@@ -60,6 +60,7 @@ from common.report import (
     CALIBRATION_BINS, comparison_row, log_loss, per_class_gains, plot_ensemble_figures, write_ensemble_report,
 )
 from common.results import LevelRun
+from common.stats import paired_difference
 from common.training import (
     SetupError, TensorBatches, autocast, count_parameters, fit, make_optimizer, model_input, synchronize, warmup_cosine,
 )
@@ -164,7 +165,8 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
                    train_seconds=sum(r["train_seconds"] for r in metrics["members"].values()),
                    chosen=chosen, best_member=comparison["best_member"], comparison=list(comparison["rows"].values()),
                    ensemble_weights=comparison["weights"], disagreement=comparison["disagreement"],
-                   per_class=comparison["per_class"], calibration_bins=CALIBRATION_BINS,
+                   per_class=comparison["per_class"], gain_over_best_member=comparison["gain_over_best_member"],
+                   calibration_bins=CALIBRATION_BINS,
                    tta_views=list(views), weights_fitted_on="validation")
     save_npz_atomic(run.path("predictions.npz"), val_labels=val_labels, test_labels=test_labels,
                     **{f"{name}|{split}": p for name, by_split in comparison["probs"].items()
@@ -417,8 +419,11 @@ def compare(predictions: dict[str, dict], val_labels: np.ndarray, test_labels: n
                     for i, a in enumerate(members) for b in members[i + 1:]}
     reference = best_member + suffix[variants[-1]]
     per_class = per_class_gains(probs[reference]["test"], probs[chosen]["test"], test_labels)
+    # the ensemble and its best member answer the same test images: the paired standard error is the right one
+    gain = paired_difference(probs[chosen]["test"].argmax(1) == test_labels,
+                             probs[reference]["test"].argmax(1) == test_labels)
     return dict(rows=rows, weights=weights, probs=probs, chosen=chosen, best_member=best_member,
-                reference=reference, disagreement=disagreement, per_class=per_class)
+                reference=reference, disagreement=disagreement, per_class=per_class, gain_over_best_member=gain)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,14 @@ def test_every_number_in_the_table_is_recomputed_from_the_saved_probabilities(sm
                 probs, labels = npz[f"{row['name']}|{split}"], npz[f"{split}_labels"]
                 assert row[f"{split}_accuracy"] == pytest.approx((probs.argmax(1) == labels).mean())
         assert len(npz["test_labels"]) == 100
+        # the ensemble against its best member, paired on the same test images
+        labels, gain = npz["test_labels"], m["gain_over_best_member"]
+        reference = m["best_member"] + (" + TTA" if m["chosen"].endswith("TTA") else "")
+        ensemble_right = npz[f"{m['chosen']}|test"].argmax(1) == labels
+        member_right = npz[f"{reference}|test"].argmax(1) == labels
+        assert gain["only_new"] == (ensemble_right & ~member_right).sum()
+        assert gain["only_old"] == (~ensemble_right & member_right).sum()
+        assert gain["points"] == pytest.approx(100 * (ensemble_right.mean() - member_right.mean()))
 
 
 def test_report_and_summary_show_every_member_and_ensemble(smoke):
@@ -87,6 +95,7 @@ def test_report_and_summary_show_every_member_and_ensemble(smoke):
     hardware = next(line for line in report.splitlines() if line.startswith("- **Hardware**"))
     assert all(f"training {p['train']}, inference {p['inference']}" in hardware for p in m["precision"].values())
     assert "one family" not in report  # ResNet, EfficientNet and ViT: three architectures
+    assert "Paired on the same images" in report
     summary = (out / "summary.md").read_text()
     level4 = {line.split(" | ")[1]: line for line in summary.splitlines() if line.startswith("| 4 | ")}
     assert "❌" in level4["Test accuracy ≥ 93%"] and "smoke run" in level4["Test accuracy ≥ 93%"]
@@ -356,3 +365,15 @@ def test_report_says_when_the_members_are_one_family():
     assert "one family (efficientnet)" in _one_family_caveat(["efficientnet_lite0+se", "efficientnet_lite1",
                                                                "efficientnet_lite2"])
     assert _one_family_caveat(["resnet50+se", "efficientnet_b0", "vit_small_patch16_224"]) == ""
+
+
+def test_paired_difference_counts_only_the_images_where_the_two_differ():
+    from common.stats import paired_difference
+
+    ensemble = np.array([1, 1, 1, 1, 0, 1, 0, 1], bool)  # right on 6 of 8
+    member = np.array([1, 1, 0, 0, 0, 1, 1, 1], bool)  # right on 5 of 8
+    d = paired_difference(ensemble, member)
+    assert (d["only_new"], d["only_old"]) == (2, 1)
+    assert d["points"] == pytest.approx(12.5)
+    assert d["standard_error_points"] == pytest.approx(100 * ((3 / 8 - (1 / 8) ** 2) / 8) ** 0.5)
+    assert paired_difference(member, member)["standard_error_points"] == 0  # identical answers: no noise
