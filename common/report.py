@@ -16,6 +16,7 @@ import numpy as np
 from common.data import CLASSES
 from common.io import safe_filename, write_text_atomic
 from common.stats import describe
+from common.summary import precision_text
 
 CALIBRATION_BINS = 15
 
@@ -272,17 +273,6 @@ def _one_family_caveat(members: list[str]) -> str:
             "and an ensemble of them is expected to gain less than one of different architectures.")
 
 
-def _precisions(metrics: dict) -> str:
-    """"training fp32, inference bf16" (every member), or each member's where they differ."""
-    chosen = {name: f"training {p['train']}, inference {p['inference']}"
-              for name, p in (metrics.get("precision") or {}).items() if isinstance(p, dict) and "train" in p}
-    if not chosen:
-        return f"{metrics['environment']['precision']} precision"
-    if len(set(chosen.values())) == 1:
-        return next(iter(chosen.values())) + " (every member)"
-    return "; ".join(f"{name}: {text}" for name, text in chosen.items())
-
-
 def render_ensemble_report(metrics: dict, title: str) -> str:
     """OUT/level4/report.md: motivation, methods, setup, results, analysis, limitations, how to reproduce."""
     cfg, env = metrics["config"], metrics["environment"]
@@ -332,7 +322,7 @@ def render_ensemble_report(metrics: dict, title: str) -> str:
         f"- **Splits**: {metrics['train_size']:,} training images (from the official 50,000, stratified, split seed "
         f"42), {metrics['val_size']:,} validation images (choice of epoch, ensemble weights), "
         f"{metrics['test_size']:,} test images (the official test set, scored once at the end).",
-        f"- **Hardware**: {env['device']}, {_precisions(metrics)}; torch {env['torch']}, timm {env['timm']}.",
+        f"- **Hardware**: {env['device']}, {precision_text(metrics)}; torch {env['torch']}, timm {env['timm']}.",
         f"- **Budget**: {cfg['epochs']} epoch(s) per member at {cfg['img_size']} px; training took "
         f"{duration(metrics['train_seconds'])} for the {len(members)} members together.",
         f"- **Seed**: {cfg['seed']} (initialization, shuffling, augmentation); the split is fixed.", "",

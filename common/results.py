@@ -33,6 +33,11 @@ NOT_IN_SIGNATURE = ("out_dir", "data_dir", "device", "resume", "quick", "profile
 MODEL_FORMAT = "cifar10-levels model v1"
 
 
+def recipe(metrics: dict) -> dict:
+    """The flags a run's training depends on: its config without where and how fast it runs."""
+    return {k: v for k, v in metrics.get("config", {}).items() if k not in NOT_IN_SIGNATURE}
+
+
 def time_already_spent(out_dir: Path, level: int, metrics: dict) -> float:
     """The wall time of the unfinished run that --resume continues: the total_seconds in its metrics.json, which
     it wrote after its last finished epoch (an epoch lost with the process is not counted). 0 when there is no
@@ -41,9 +46,6 @@ def time_already_spent(out_dir: Path, level: int, metrics: dict) -> float:
         earlier = json.loads(metrics_path(out_dir, level).read_text())
     except (OSError, json.JSONDecodeError):
         return 0.0
-
-    def recipe(m: dict) -> dict:
-        return {k: v for k, v in m.get("config", {}).items() if k not in NOT_IN_SIGNATURE}
 
     if earlier.get("status") == "complete" or earlier.get("code_version") != metrics["code_version"] \
             or recipe(earlier) != recipe(metrics):
@@ -142,8 +144,7 @@ class LevelRun:
         Its signature is what the training depends on: the recipe (every flag but where and how fast), the data
         (source and split sizes), the code version and `extra`. --resume refuses a checkpoint whose signature
         differs."""
-        config = {k: v for k, v in self.metrics["config"].items() if k not in NOT_IN_SIGNATURE}
-        signature = dict(config, **extra, code_version=self.metrics["code_version"],
+        signature = dict(recipe(self.metrics), **extra, code_version=self.metrics["code_version"],
                          data_source=self.metrics.get("data_source"),
                          sizes=[self.metrics.get(k) for k in ("train_size", "val_size", "test_size")],
                          precision=self.metrics.get("precision"))

@@ -98,9 +98,9 @@ CHECKLISTS: dict[int, list[tuple[str, Judge | None]]] = {
 # -- Levels 2 and 3
 
 
-def _precision_text(m: dict, env: dict) -> str:
+def precision_text(m: dict) -> str:
     """"training fp32, inference bf16" where the run recorded both: once for Levels 1 to 3, per member for
-    Level 4 (one phrase when the members agree); else the device's default."""
+    Level 4 (one phrase when the members agree); else the device's default. The summary and Level 4's report."""
     chosen = m.get("precision") or {}
     if isinstance(chosen, dict) and "train" in chosen:
         return f"training {chosen['train']}, inference {chosen['inference']}"
@@ -111,7 +111,7 @@ def _precision_text(m: dict, env: dict) -> str:
         return next(iter(phrases.values())) + ", every member"
     if phrases:
         return "; ".join(f"{name}: {phrase}" for name, phrase in phrases.items())
-    return env.get("precision", "—")
+    return (m.get("environment") or {}).get("precision", "—")
 
 
 def _time_text(m: dict) -> str:
@@ -413,7 +413,7 @@ def _level_section(m: dict, out_dir: Path) -> list[str]:
               f"validation {pct(m.get('val_accuracy'))} on {m.get('val_size')}; trained on {m.get('train_size')}",
               f"- Model: {cfg.get('model')} at {cfg.get('img_size')} px, {cfg.get('epochs')} epoch(s), "
               f"batch {cfg.get('batch_size')}, lr {cfg.get('lr')}",
-              f"- Time: {_time_text(m)}, on {env.get('device', '—')} ({_precision_text(m, env)})",
+              f"- Time: {_time_text(m)}, on {env.get('device', '—')} ({precision_text(m)})",
               f"- Command: `{m.get('command', '')}`"]
     for section in m.get("sections", []):
         lines += ["", f"### {section['heading']}", "", section["markdown"]]

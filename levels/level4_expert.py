@@ -119,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if hp.model:  # --model NAME is --models NAME; the record shows the member list under both names
         hp = dataclasses.replace(hp, models=hp.model)
     hp = dataclasses.replace(hp, model=hp.models)
-    members = ", ".join(name.strip() for name in hp.models.split(",") if name.strip())
-    run = LevelRun(4, TITLE, APPROACH.format(tta=" + TTA" if hp.tta else "", members=members), settings, hp)
+    run = LevelRun(4, TITLE, APPROACH, settings, hp)  # the members are filled in once --models is checked
     return run.execute(lambda: train_and_evaluate(run, settings, hp))
 
 
@@ -130,6 +129,7 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
     # ------------------------------------------------------------------------------------------------------
     #                                              Setup
     members = member_names(hp.models)
+    metrics["approach"] = APPROACH.format(tta=" + TTA" if hp.tta else "", members=", ".join(members))  # before any write
     weights = member_weights(settings.weights, members)
     check_recipe(hp)
     # seeds Python's, numpy's (timm's Mixup draws from them) and torch's generators from --seed, so that two runs
