@@ -218,12 +218,28 @@ def shift(images: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
     return padded[..., pad - dy:pad - dy + h, pad - dx:pad - dx + w]
 
 
-def tta_views(tta: bool = True, shifts: bool = False) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """The views each image is predicted under; "identity" is the plain prediction. Applied at 32x32, uint8."""
+def shift_reflect(images: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """Move the content dx pixels right and dy down; the border is filled by reflection, as CifarNet's training
+    translations fill it (common/cifarnet.py), so the view looks like what the network was trained on."""
+    h, w, pad = *images.shape[-2:], max(abs(dx), abs(dy))
+    padded = F.pad(images.float(), (pad,) * 4, mode="reflect").to(images.dtype)
+    return padded[..., pad - dy:pad - dy + h, pad - dx:pad - dx + w]
+
+
+def tta_views(tta: bool = True, shifts: bool = False,
+              translates: bool = False) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """The views each image is predicted under; "identity" is the plain prediction. Applied at 32x32, uint8.
+
+    shifts: four 2-px shifts with black borders (--tta-shifts). translates: airbench's views for CifarNet, the
+    image moved 1 px up-left and 1 px down-right with reflected borders, each also mirrored (6 views in all)."""
     views = {"identity": lambda x: x}
     if tta:
         views["flip"] = hflip
         if shifts:
             for dx, dy in ((TTA_SHIFT, 0), (-TTA_SHIFT, 0), (0, TTA_SHIFT), (0, -TTA_SHIFT)):
                 views[f"shift {dx:+d},{dy:+d}"] = lambda x, dx=dx, dy=dy: shift(x, dx, dy)
+        if translates:
+            for d in (-1, 1):
+                views[f"translate {d:+d},{d:+d}"] = lambda x, d=d: shift_reflect(x, d, d)
+                views[f"flip translate {d:+d},{d:+d}"] = lambda x, d=d: hflip(shift_reflect(x, d, d))
     return views

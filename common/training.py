@@ -582,6 +582,8 @@ def fit(model: nn.Module, train_batches, val_batches, *, epochs: int, optimizer,
         set_rng_state(stored["rng"])
         if stored.get("batches_rng") is not None and hasattr(train_batches, "generator"):
             train_batches.generator.set_state(stored["batches_rng"])
+        if stored.get("batches_state") is not None:  # batches that keep more state, e.g. an epoch count
+            train_batches.load_state_dict(stored["batches_state"])
         best_state = stored["best_state"]
         result.history[:] = stored["history"]
         result.best_epoch, result.best_val_accuracy = stored["best_epoch"], stored["best_val_accuracy"]
@@ -608,6 +610,7 @@ def fit(model: nn.Module, train_batches, val_batches, *, epochs: int, optimizer,
                 scheduler=scheduler.state_dict() if scheduler is not None else None,
                 scaler=scaler.state_dict() if scaler is not None else None, rng=rng_state(),
                 batches_rng=train_batches.generator.get_state() if hasattr(train_batches, "generator") else None,
+                batches_state=train_batches.state_dict() if hasattr(train_batches, "state_dict") else None,
                 best_state=best_state, best_epoch=result.best_epoch, best_val_accuracy=result.best_val_accuracy,
                 history=result.history))
         if on_epoch_end is not None:

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from common import cifarnet
 from common.augment import autoaugment_cifar10, random_crop_flip, tta_views
 from common.cli import parse_args
 from common.io import save_npz_atomic
@@ -93,6 +94,11 @@ class Hyperparameters:
     tta_shifts: bool = False  # with --tta, also four copies shifted by 2 pixels (6 views instead of 2)
     weighting: str = "logloss"  # weighted voting: minimize validation log-loss. Try accuracy (weights ∝ val acc)
     eval_batch_size: int = 256  # inference only: larger batches change nothing but speed
+    # the member `cifarnet` (common/cifarnet.py) trains from scratch at 32 px with its own recipe, airbench's:
+    # the flags above that describe fine-tuning (lr, optimizer, img-size, MixUp...) do not apply to it
+    cifarnet_epochs: int = 10
+    cifarnet_widths: str = "64,256,256"  # airbench94's; 64,128,128 is airbench93's (a quarter of the FLOPs)
+    cifarnet_batch_size: int = 1024
 
 
 # --profile cpu: the whole data set on a 2-core CPU. The three ImageNet-pretrained networks that exist offline,
@@ -107,15 +113,18 @@ class Hyperparameters:
 # fp32; 1.36x the 2-hour cap), about 3 h in all; members 89.9 / 90.5 / 90.6% on test with TTA, the ensemble
 # 91.19% (+0.73 over the best member, 1.8 short of the 93% bar). See the README.
 CPU_PROFILE = dict(models="efficientnet_lite0+se,efficientnet_lite1,efficientnet_lite2", model=None, img_size=128,
-                   epochs=3, lr=1e-3, weight_decay=0.05, mixup=False, cutmix=False)
+                   epochs=3, lr=1e-3, weight_decay=0.05, mixup=False, cutmix=False,
+                   cifarnet_widths="64,128,128", cifarnet_epochs=10)
 
 TITLE = "Level 4: ensemble of three architectures"
+CIFARNET = "cifarnet"  # the --models name of common/cifarnet.py's from-scratch network
 APPROACH = "Ensemble (weighted soft voting{tta}) of fine-tuned {members}"  # by default ResNet50+SE, EfficientNet, ViT
 
 
 def main(argv: list[str] | None = None) -> int:
     settings, hp = parse_args(argv, Hyperparameters(), prog="level4_expert.py", description=__doc__,
-                              quick_overrides=dict(eval_batch_size=128), profiles=dict(cpu=CPU_PROFILE))
+                              quick_overrides=dict(eval_batch_size=128, cifarnet_epochs=4,
+                                                                   cifarnet_batch_size=128), profiles=dict(cpu=CPU_PROFILE))
     if hp.model:  # --model NAME is --models NAME; the record shows the member list under both names
         hp = dataclasses.replace(hp, models=hp.model)
     hp = dataclasses.replace(hp, model=hp.models)
@@ -141,6 +150,7 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
     #                                              Data
     _, images = run.load_data(settings, device)  # 40k/10k/10k, uint8 on the device
     views = tta_views(hp.tta, hp.tta_shifts)
+    cifarnet_views = tta_views(hp.tta, translates=True)  # airbench's: the mirror and 1-px translations
 
     # ------------------------------------------------------------------------------------------------------
     #                            Members: train (or resume), then predict
@@ -149,8 +159,9 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
     predictions: dict[str, dict] = {}
     saved_members = []
     for number, name in enumerate(members, start=1):
-        predictions[name], saved = run_member(run, number, len(members), name, weights[name], images, views,
-                                              settings, hp, device)
+        member_views = cifarnet_views if name == CIFARNET else views
+        predictions[name], saved = run_member(run, number, len(members), name, weights[name], images,
+                                              member_views, settings, hp, device)
         saved_members.append(saved)
 
     # ------------------------------------------------------------------------------------------------------
@@ -195,7 +206,8 @@ def check_recipe(hp: Hyperparameters) -> None:
 
 
 def build_member(name: str, pretrained: bool, weights: str | None, hp: Hyperparameters) -> nn.Module:
-    """A member network with a fresh 10-way head and stochastic depth.
+    """A member network with a fresh 10-way head and stochastic depth; `cifarnet` is common/cifarnet.py's network,
+    randomly initialized (its whitening layer is set from the training images in run_member).
 
     `NAME+se` is Level 3's SE model on NAME (its SE block written there, imported here). A model whose input
     size is fixed at creation (a ViT's grid of patch position embeddings) is built for --img-size: timm then
@@ -203,6 +215,10 @@ def build_member(name: str, pretrained: bool, weights: str | None, hp: Hyperpara
     """
     import timm
 
+    if name == CIFARNET:
+        if weights:
+            raise SetupError(f"--weights names {CIFARNET}, which trains from scratch: it has no pretrained weights.")
+        return cifarnet.CifarNet(cifarnet.parse_widths(hp.cifarnet_widths))
     base, se = (name[:-3], True) if name.endswith("+se") else (name, False)
     kwargs = dict(drop_path_rate=hp.drop_path)
     cfg = timm.get_pretrained_cfg(base) if timm.is_model(base) else None
@@ -233,17 +249,21 @@ def run_member(run: LevelRun, number: int, count: int, name: str, weights: str |
     """Train member `name` (with --resume, from its last finished epoch; a finished member is not trained again)
     and return its probabilities per split and view, and what model.pt needs to rebuild it."""
     metrics = run.metrics
+    from_scratch = name == CIFARNET
     model = build_member(name, settings.pretrained, weights, hp)
     precision = run.precision_for(model, key=name)  # can differ per member (see common.training.select_precision)
-    init = weights or ("imagenet" if settings.pretrained else "random")
+    init = "random" if from_scratch else weights or ("imagenet" if settings.pretrained else "random")
+    img_size, epochs = (32, hp.cifarnet_epochs) if from_scratch else (hp.img_size, hp.epochs)
     record = metrics["members"][name] = dict(member=name, status="training", init=init, history=[],
-                                             parameters=count_parameters(model))
+                                             parameters=count_parameters(model), img_size=img_size,
+                                             tta_views=list(views))
     model = model.to(device, memory_format=torch.channels_last)
-    title = f"Member {number}/{count}: {name} at {hp.img_size}px on {metrics['environment']['device']}"
-    with TrainingDisplay(title, hp.epochs) as display:
-        result = train_member(model, images, settings, hp, device, precision, display, record["history"],
-                              checkpoint=run.checkpoint(f"member {name}", member=name, init=init),
-                              on_epoch_end=run.epoch_done)
+    title = f"Member {number}/{count}: {name} at {img_size}px on {metrics['environment']['device']}"
+    with TrainingDisplay(title, epochs) as display:
+        train = train_cifarnet if from_scratch else train_member
+        result = train(model, images, settings, hp, device, precision, display, record["history"],
+                       checkpoint=run.checkpoint(f"member {name}", member=name, init=init),
+                       on_epoch_end=run.epoch_done)
         record.update(status="trained", best_epoch=result.best_epoch, best_val_accuracy=result.best_val_accuracy,
                       train_seconds=result.train_seconds, resumed_epochs=result.resumed_epochs)
         metrics["history"] += [dict(h, member=name) for h in record["history"]]
@@ -251,14 +271,15 @@ def run_member(run: LevelRun, number: int, count: int, name: str, weights: str |
         probs, seconds = {}, {}
         for split in ("val", "test"):
             probs[split], seconds[split] = predict(model, images[split][0], views,
-                                                   lambda b: model_input(b, hp.img_size, mean, std),
+                                                   lambda b: model_input(b, img_size, mean, std),
                                                    hp.eval_batch_size, device, precision, display, f"{split}")
     n_test = len(images["test"][0])
     record.update(images_per_second=n_test / seconds["test"]["identity"],
                   tta_images_per_second=n_test / sum(seconds["test"].values()))
-    saved = dict(name=name, kind="se" if name.endswith("+se") else "timm", model=name.removesuffix("+se"),
-                 img_size=hp.img_size, mean=list(mean), std=list(std), reduction=hp.se_reduction,
-                 se_in_layer4=False, drop_path=hp.drop_path,
+    kind = CIFARNET if from_scratch else "se" if name.endswith("+se") else "timm"
+    saved = dict(name=name, kind=kind, model=name.removesuffix("+se"), img_size=img_size, mean=list(mean),
+                 std=list(std), reduction=hp.se_reduction, se_in_layer4=False, drop_path=hp.drop_path,
+                 widths=list(cifarnet.parse_widths(hp.cifarnet_widths)), views=list(views),
                  state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()})
     del model
     if device.type == "cuda":
@@ -283,6 +304,32 @@ def train_member(model: nn.Module, images: dict, settings, hp: Hyperparameters, 
     return fit(model, train_batches, val_batches, epochs=hp.epochs, optimizer=optimizer,
                scheduler=warmup_cosine(optimizer, steps, hp.warmup), loss_fn=loss_fn, device=device,
                precision=precision, mix=mix, display=display, history=history, checkpoint=checkpoint,
+               on_epoch_end=on_epoch_end)
+
+
+def train_cifarnet(model: cifarnet.CifarNet, images: dict, settings, hp: Hyperparameters, device, precision, display,
+                   history: list, checkpoint=None, on_epoch_end=None):
+    """The from-scratch member, with airbench's recipe (common/cifarnet.py says why each piece is there):
+    whitened first layer, alternating flip + translation, label smoothing, Nesterov SGD with lookahead."""
+    recipe = cifarnet.CifarNetRecipe(epochs=hp.cifarnet_epochs, widths=cifarnet.parse_widths(hp.cifarnet_widths),
+                                     batch_size=hp.cifarnet_batch_size)
+    mean, std = normalization(model)
+    to_input = lambda b: model_input(b, 32, mean, std)  # noqa: E731
+    train_images = images["train"][0]
+    # whitening from the first 5,000 training images (--resume then overwrites it with the saved, identical layer)
+    cifarnet.init_whitening(model, to_input(train_images[:recipe.whiten_images]).float())
+    train_batches = cifarnet.AlternatingFlipBatches(*images["train"], recipe.batch_size, seed=settings.seed,
+                                                    shift=recipe.translate, transform=to_input)
+    if len(train_batches) == 0:
+        raise SetupError(f"--train-size {len(images['train'][1])} is smaller than one batch of "
+                         f"--cifarnet-batch-size {recipe.batch_size}.")
+    val_batches = TensorBatches(*images["val"], hp.eval_batch_size, transform=to_input)
+    steps = recipe.epochs * len(train_batches)
+    optimizer = cifarnet.make_optimizer(model, recipe, steps)
+    return fit(model, train_batches, val_batches, epochs=recipe.epochs, optimizer=optimizer,
+               scheduler=cifarnet.warmup_then_decay(optimizer, steps, recipe),
+               loss_fn=nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing), device=device,
+               precision=precision, display=display, history=history, checkpoint=checkpoint,
                on_epoch_end=on_epoch_end)
 
 
