@@ -109,6 +109,8 @@ def bench(
                                            "backbone every epoch"),
     precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16, as for the levels (on a CPU with bf16 "
                                   "hardware every recipe is also timed in fp32 and in bf16)"),
+    profile: str | None = typer.Option(None, help="'cpu': the recipes that --profile cpu trains, each timed four "
+                                       "ways (eager and compiled, fp32 and bf16)"),
 ) -> None:
     """Measure each level's training speed against the device's limit: writes OUT/bench.json and OUT/bench.md."""
     from common.bench import run_bench
@@ -126,7 +128,8 @@ def bench(
             sources[number] = f"{path} could not be imported ({type(error).__name__}: {error})"
     raise typer.Exit(run_bench(sources, level1_main, quick=quick, data_dir=data_dir, out_dir=str(out_dir), device=device, compile=compile,
                                levels=level, model=model, img_size=img_size, batch_size=batch_size, steps=steps,
-                               repeats=repeats, level1_comparison=level1_comparison, precision_flag=precision))
+                               repeats=repeats, level1_comparison=level1_comparison, precision_flag=precision,
+                               profile_name=profile))
 
 
 # ----------------------------------------------------------------------------------------------------------

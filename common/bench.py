@@ -116,9 +116,13 @@ class Recipe:
     loss_fn: nn.Module = dataclasses.field(default_factory=nn.CrossEntropyLoss)
 
 
-def with_overrides(hp, overrides: dict):
-    """A level's Hyperparameters with the bench's --model, --img-size and --batch-size (those given)."""
-    return dataclasses.replace(hp, **{k: v for k, v in overrides.items() if v is not None and hasattr(hp, k)})
+def with_overrides(hp, overrides: dict, profiles: dict[str, dict] | None = None):
+    """A level's Hyperparameters under the bench's --profile (the level's own profile of that name, e.g. its
+    CPU_PROFILE), then with the bench's --model, --img-size and --batch-size (those given)."""
+    profile = (profiles or {}).get(overrides.get("profile") or "", {})
+    hp = dataclasses.replace(hp, **{k: v for k, v in profile.items() if hasattr(hp, k)})
+    return dataclasses.replace(hp, **{k: v for k, v in overrides.items()
+                                      if v is not None and hasattr(hp, k) and k != "profile"})
 
 
 def random_timm_model(name: str, img_size: int, **kwargs) -> nn.Module:
@@ -305,6 +309,52 @@ def measure_evaluation(recipe: Recipe, model: nn.Module, data: dict, device, pre
     return statistics.median(rates)
 
 
+SPEED_KEYS = ("eager-fp32", "eager-bf16", "compiled-fp32", "compiled-bf16")
+
+
+def measured_matmul_peak(device) -> float:
+    """A CPU's attainable fp32 FLOP/s: the best of a few large matrix products (MKL's, the best-tuned kernel
+    PyTorch has). The reference for `fraction of peak` on a CPU, where no datasheet figure fits a share of a
+    virtual machine's cores."""
+    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * 2048**3 / best
+
+
+def four_way_speeds(recipe: Recipe, model: nn.Module, data: dict, device, steps: int, repeats: int) -> dict:
+    """Training images/s in each of eager fp32, eager bf16, compiled fp32 and compiled bf16 (`--profile`'s
+    comparison), each through the real pipeline; None where a mode cannot run here, with the reason in `notes`.
+    `compile_seconds`: the compiled modes' first step (compilation included)."""
+    from common.training import Precision, compiler_problem, cpu_has_fast_bf16
+
+    speeds, notes, compile_seconds = {}, {}, {}
+    bf16_ok = device.type == "cuda" or cpu_has_fast_bf16()
+    for key in SPEED_KEYS:
+        mode, name = key.split("-")
+        problem = compiler_problem() if mode == "compiled" else None
+        if name == "bf16" and not bf16_ok:
+            speeds[key], notes[key] = None, ("this CPU has no bf16 hardware (AMX or AVX512-BF16): bf16 is emulated, "
+                                             "many times slower than fp32, so it is not timed")
+            continue
+        if problem:
+            speeds[key], notes[key] = None, problem
+            continue
+        dtype = torch.bfloat16 if name == "bf16" else None
+        torch._dynamo.reset()  # each compiled mode compiles afresh, so its first step counts its own compilation
+        net = torch.compile(model) if mode == "compiled" else model
+        result = measure_training(recipe, net, data, device, Precision(name, dtype, False, dtype, "bench"), steps,
+                                  repeats)
+        speeds[key] = result["train_images_per_second"]
+        if mode == "compiled":
+            compile_seconds[key] = result["warmup_seconds"]
+    return dict(speeds=speeds, notes=notes, compile_seconds=compile_seconds)
+
+
 def compare_cpu_precisions(recipe: Recipe, model: nn.Module, data: dict, device, steps: int, repeats: int) -> dict:
     """On a CPU with bf16 hardware: training and evaluation speed in fp32 and in bf16, the evidence behind
     --precision auto's choice for this recipe's model."""
@@ -323,13 +373,13 @@ def compare_cpu_precisions(recipe: Recipe, model: nn.Module, data: dict, device,
 
 
 def bench_recipe(recipe: Recipe, data: dict, device, precision_flag: str, steps: int, repeats: int,
-                 compile: bool) -> dict:
+                 compile: bool, four_way: bool = False, epoch_images: int = 40_000) -> dict:
     from common.training import cpu_has_fast_bf16
 
     torch.manual_seed(0)
     model = recipe.build().to(device, memory_format=torch.channels_last)
     precision = select_precision(device, precision_flag, model)  # what the level itself would choose
-    row = dict(level=recipe.level, name=recipe.name, model=recipe.model, img_size=recipe.img_size,
+    row = dict(level=recipe.level, name=recipe.name, model=recipe.model, img_size=recipe.img_size, compile_default=False,
                batch_size=recipe.batch_size, trainable=recipe.trainable, augmentation=recipe.augmentation,
                precision=precision.record(),
                trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -346,7 +396,18 @@ def bench_recipe(recipe: Recipe, data: dict, device, precision_flag: str, steps:
     row["fraction_of_peak"] = row["achieved_flops_per_second"] / peak if peak else None
     row["peak_host_memory_bytes"] = peak_host_memory()
     row["cpu_precisions"] = None
-    if device.type == "cpu" and cpu_has_fast_bf16():
+    if four_way:  # --profile: the four modes side by side, and the one the levels use
+        row.update(four_way_speeds(recipe, model, data, device, steps, repeats))
+        row["chosen"] = f"{'compiled' if row['compile_default'] else 'eager'}-{precision.name}"
+        measured = {k: v for k, v in row["speeds"].items() if v}
+        row["fastest"] = max(measured, key=measured.get)
+        # compile pays back when the seconds it saves over one epoch exceed its own cost
+        for key, seconds in row["compile_seconds"].items():
+            eager = row["speeds"][key.replace("compiled", "eager")]
+            saved = epoch_images / eager - epoch_images / row["speeds"][key] if eager else None
+            row.setdefault("compile_payback", {})[key] = dict(compile_seconds=seconds, epoch_seconds_saved=saved,
+                                                              paid_back_in_one_epoch=bool(saved and saved > seconds))
+    elif device.type == "cpu" and cpu_has_fast_bf16():
         row["cpu_precisions"] = compare_cpu_precisions(recipe, model, data, device, steps, repeats)
     row["compiled"] = None
     if compile:
@@ -404,7 +465,7 @@ def run_bench(recipe_sources: dict, level1_main: Callable | None = None, quick: 
               data_dir: str | None = None, out_dir: str = "outputs", device: str = "auto", compile: bool = False,
               levels: list[int] | None = None, model: str | None = None, img_size: int | None = None,
               batch_size: int | None = None, steps: int | None = None, repeats: int | None = None,
-              level1_comparison: bool = True, precision_flag: str = "auto") -> int:
+              level1_comparison: bool = True, precision_flag: str = "auto", profile_name: str | None = None) -> int:
     """The benchmark. `recipe_sources` maps each level to its bench_recipes function (or to the reason it has
     none); the runner, which knows the levels, collects them, so that common/ never imports a level."""
     from common.data import DataError
@@ -415,8 +476,10 @@ def run_bench(recipe_sources: dict, level1_main: Callable | None = None, quick: 
         console.print(f"[bold red]Error:[/] --level {unknown[0]}: levels are 1 to 4.", highlight=False)
         return 2
     profile = dict(QUICK if quick else FULL)
+    if profile_name:  # the levels' own recipe under --profile: its image sizes, whatever --quick's
+        profile["img_size"] = None
     profile.update({k: v for k, v in dict(img_size=img_size, steps=steps, repeats=repeats).items() if v is not None})
-    overrides = dict(model=model, img_size=profile["img_size"], batch_size=batch_size)
+    overrides = dict(model=model, img_size=profile["img_size"], batch_size=batch_size, profile=profile_name)
     try:
         dev = select_device(device)
         precision = select_precision(dev, precision_flag)
@@ -436,9 +499,14 @@ def run_bench(recipe_sources: dict, level1_main: Callable | None = None, quick: 
         return 2
 
     peak, peak_source = peak_flops(dev)
+    if peak is None and profile_name:
+        peak = measured_matmul_peak(dev)
+        peak_source = (f"measured: the best of five 2048 x 2048 fp32 matrix products on this CPU, "
+                       f"{peak / 1e9:.0f} GFLOP/s")
     report = dict(environment=environment(dev, precision), device=device_name(dev), precision=precision.name,
                   precision_flag=precision_flag,
                   profile="quick" if quick else "full", steps=profile["steps"], repeats=profile["repeats"],
+                  recipe_profile=profile_name,
                   compile=compile, peak_flops_per_second=peak, peak_flops_source=peak_source,
                   host=host, recipes=[], skipped=skipped, level1_cache=None)
     console.print(f"Benchmark on {report['device']} (--precision {precision_flag}), {report['profile']} profile: "
@@ -448,8 +516,11 @@ def run_bench(recipe_sources: dict, level1_main: Callable | None = None, quick: 
     for recipe in recipes:
         console.print(f"{recipe.name}: {recipe.model} at {recipe.img_size} px, batch {recipe.batch_size} ...",
                       highlight=False)
-        report["recipes"].append(bench_recipe(recipe, data, dev, precision_flag, profile["steps"], profile["repeats"],
-                                              compile))
+        row = bench_recipe(recipe, data, dev, precision_flag, profile["steps"], profile["repeats"], compile,
+                           four_way=bool(profile_name))
+        if peak and row["fraction_of_peak"] is None:
+            row["peak_flops_per_second"], row["fraction_of_peak"] = peak, row["achieved_flops_per_second"] / peak
+        report["recipes"].append(row)
     if level1_comparison and any(r.level == 1 for r in recipes):
         level1_img = next(r.img_size for r in recipes if r.level == 1)
         console.print(f"Level 1: cached features against the backbone every epoch, {LEVEL1_EPOCHS} epochs ...",
@@ -484,6 +555,11 @@ def judge_targets(report: dict, device: torch.device) -> list[dict]:
         targets.append(dict(target=f"{r['name']}: pipeline_overhead ≤ 0.10", met=r["pipeline_overhead"] <= 0.10,
                             value=f"{r['pipeline_overhead']:.3f} (pipeline alone: {r['pipeline_share_estimate']:.3f} "
                                   f"of a step)"))
+    for r in report["recipes"]:
+        if r.get("speeds") and r["speeds"].get("eager-fp32"):
+            best = r["speeds"][r["fastest"]] / r["speeds"]["eager-fp32"]
+            targets.append(dict(target=f"{r['name']}: the fastest way ≥ 1.5x eager fp32", met=best >= 1.5,
+                                value=f"{r['fastest']}: {best:.2f}x"))
     if report["level1_cache"]:
         speedup = report["level1_cache"]["speedup"]
         targets.append(dict(target="Level 1: cached features ≥ 4x faster than the backbone every epoch (5 epochs)",
@@ -558,6 +634,30 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {r['name']} | {r['train_images_per_second']:,.1f} | {c['train_images_per_second']:,.1f}"
                          f" | {c['speedup_over_eager']:.2f}x | {c['pipeline_overhead']:.3f} | "
                          f"{c['compile_and_warmup_seconds']:.0f} s |")
+    four_way = [r for r in report["recipes"] if r.get("speeds")]
+    if four_way:
+        def cell(r, key):
+            value = r["speeds"][key]
+            return "—" if value is None else f"{value:,.1f}" + (" **fastest**" if key == r["fastest"] else "")
+
+        lines += ["", f"## `--profile {report['recipe_profile']}`: each recipe four ways", "",
+                  "Training images per second through the real pipeline (the median of the turns), for each way "
+                  "to run the same recipe; — where a way cannot run here (reasons below). **levels use**: what "
+                  "the levels run by default (--precision auto, --no-compile).", "",
+                  "| recipe | model | eager fp32 | eager bf16 | compiled fp32 | compiled bf16 | compile s "
+                  "(paid back in 1 epoch?) | TFLOP/s (of peak) | levels use |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in four_way:
+            payback = "; ".join(f"{k.split('-')[1]} {v['compile_seconds']:.0f} s "
+                                f"({'yes' if v['paid_back_in_one_epoch'] else 'no'})"
+                                for k, v in (r.get("compile_payback") or {}).items()) or "—"
+            frac = "" if r["fraction_of_peak"] is None else f" ({r['fraction_of_peak']:.0%})"
+            lines.append(f"| {r['name']} | {r['model']} @ {r['img_size']} px, batch {r['batch_size']} | "
+                         + " | ".join(cell(r, k) for k in SPEED_KEYS)
+                         + f" | {payback} | {r['achieved_flops_per_second'] / 1e12:.3f}{frac} | {r['chosen']} |")
+        notes = {note for r in four_way for note in r["notes"].values()}
+        lines += [""] + [f"- —: {note}." for note in sorted(notes)]
+        lines.append(f"- Peak: {report['peak_flops_source']}.")
     precisions = [r for r in report["recipes"] if r.get("cpu_precisions")]
     if precisions:
         lines += ["", "## CPU: fp32 against bf16", "",

@@ -38,6 +38,7 @@ class RunSettings:
     quick: bool = False
     profile: str | None = None
     precision: str = "auto"
+    compile: bool = False
     resume: bool = False
     deterministic: bool = False
 
@@ -68,6 +69,9 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
                        help="auto (default): bf16 on Ampere+ GPUs, fp16 with loss scaling on older ones; on a CPU "
                             "bf16 where it has bf16 hardware and it is faster (inference always, training only for "
                             "models without depthwise convolutions), else fp32")
+    train.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                       help="train through torch.compile (default: off; on this project's 2-core CPU it was no "
+                            "faster: see the README's benchmark). Without a working C++ compiler: eager, said once")
     train.add_argument("--deterministic", action="store_const", const=True,
                        help="on a GPU, deterministic kernels and no cuDNN autotuning: the same numbers every run, "
                             "somewhat slower (a CPU run is deterministic already)")

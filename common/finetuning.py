@@ -55,7 +55,7 @@ def evaluation_batches(images: dict, split: str, model: nn.Module, hp) -> Tensor
 
 def train(model: nn.Module, images: dict, hp, *, epochs: int, augmented: bool, seed: int, device, precision,
           title: str, history: list | None = None, checkpoint: EpochCheckpoint | None = None,
-          on_epoch_end=None) -> FitResult:
+          on_epoch_end=None, compile: bool = False) -> FitResult:
     """Train `model`'s trainable parameters with AdamW and cosine annealing; fit() keeps the best-validation epoch.
 
     `hp` gives the recipe: batch_size, lr, optimizer, weight_decay, label_smoothing, img_size, eval_batch_size
@@ -79,4 +79,4 @@ def train(model: nn.Module, images: dict, hp, *, epochs: int, augmented: bool, s
                    scheduler=cosine_schedule(optimizer, epochs * len(train_batches)),
                    loss_fn=nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing), device=device,
                    precision=precision, display=display, history=history, checkpoint=checkpoint,
-                   on_epoch_end=on_epoch_end)
+                   on_epoch_end=on_epoch_end, compile=compile)

@@ -11,10 +11,11 @@ An image goes the way CIFAR-10's images went, then the way the test set went dur
 What a model file holds (written by common.results.LevelRun.save_model):
   kind "timm"      a timm model (Levels 1 and 2), rebuilt with timm.create_model(pretrained=False)
   kind "se"        Level 3's SE network: rebuilt by a builder the caller passes (common/ does not import levels/)
-  kind "ensemble"  Level 4: `members`, each a "timm" or "se" entry of its own; the probabilities are the
-                   members' softmax averaged over the test-time views (common.augment.tta_views: identity, flip,
-                   and the four shifts of --tta-shifts), then
-                   combined with the members' `vote_weights`.
+  kind "cifarnet"  common/cifarnet.py's from-scratch network (a Level 4 member), rebuilt from its `widths`
+  kind "ensemble"  Level 4: `members`, each a "timm", "se" or "cifarnet" entry of its own; the probabilities are
+                   the members' softmax averaged over their test-time views (common.augment.tta_views: identity,
+                   flip, the four shifts of --tta-shifts, CifarNet's translations; a member's own `views`, else
+                   the file's `tta_views`), then combined with the members' `vote_weights`.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class Member:
     mean: tuple
     std: tuple
     weight: float = 1.0
+    views: tuple[str, ...] = ("identity",)
 
 
 @dataclass
@@ -99,11 +101,18 @@ def build_timm(entry: dict, num_classes: int):
     return timm.create_model(entry["model"], pretrained=False, num_classes=num_classes)
 
 
-def _member(entry: dict, num_classes: int, builders: dict[str, Builder], name: str, weight: float, device) -> Member:
+def build_cifarnet(entry: dict, num_classes: int):
+    from common.cifarnet import CifarNet
+
+    return CifarNet(tuple(int(w) for w in entry["widths"]), num_classes=num_classes)
+
+
+def _member(entry: dict, num_classes: int, builders: dict[str, Builder], name: str, weight: float, device,
+            views: tuple[str, ...] = ("identity",)) -> Member:
     import torch
 
     kind = entry.get("kind")
-    builder = {"timm": build_timm, **builders}.get(kind)
+    builder = {"timm": build_timm, "cifarnet": build_cifarnet, **builders}.get(kind)
     if builder is None:
         raise PredictError(f"The saved model '{name}' is of kind '{kind}', which this command cannot rebuild"
                            + ("" if kind != "se" else " (no builder for Level 3's SE network was given)") + ".")
@@ -114,7 +123,7 @@ def _member(entry: dict, num_classes: int, builders: dict[str, Builder], name: s
         raise PredictError(f"The saved weights of '{name}' do not fit {entry.get('model')} "
                            f"({str(error).strip().splitlines()[0][:200]}).") from None
     model = model.to(device, memory_format=torch.channels_last).eval()
-    return Member(name, model, int(entry["img_size"]), tuple(entry["mean"]), tuple(entry["std"]), weight)
+    return Member(name, model, int(entry["img_size"]), tuple(entry["mean"]), tuple(entry["std"]), weight, views)
 
 
 def load_saved_model(path: Path, builders: dict[str, Builder] | None = None, device="cpu") -> SavedModel:
@@ -139,17 +148,19 @@ def load_saved_model(path: Path, builders: dict[str, Builder] | None = None, dev
         votes = saved.get("vote_weights") or {}
         entries = saved["members"]
         raw = [float(votes.get(e["name"], 1.0)) for e in entries]
-        members = [_member(e, len(classes), builders, e["name"], w / sum(raw), device) for e, w in zip(entries, raw)]
         views = tuple(saved.get("tta_views") or ("identity",))
-        known = list(tta_views(tta=True, shifts=True))
-        unknown = [v for v in views if v not in known]
+        member_views = [tuple(e.get("views") or views) for e in entries]  # a member's own views win
+        known = list(tta_views(tta=True, shifts=True, translates=True))
+        unknown = sorted({v for vs in member_views for v in vs if v not in known})
         if unknown:
             raise PredictError(f"'{path}' asks for test-time views {unknown}; this command knows {known}.")
-        description = "ensemble of " + ", ".join(f"{m.name} ({m.weight:.2f})" for m in members) + \
-                      (f", views: {', '.join(views)}" if len(views) > 1 else "")
+        members = [_member(e, len(classes), builders, e["name"], w / sum(raw), device, vs)
+                   for e, w, vs in zip(entries, raw, member_views)]
+        description = "ensemble of " + ", ".join(
+            f"{m.name} ({m.weight:.2f}{f', {len(m.views)} views' if len(m.views) > 1 else ''})" for m in members)
     else:
-        members = [_member(saved, len(classes), builders, saved.get("model", "model"), 1.0, device)]
         views = ("identity",)
+        members = [_member(saved, len(classes), builders, saved.get("model", "model"), 1.0, device, views)]
         description = saved.get("model", "?") + (" + SE" if kind == "se" else "") + f" at {saved.get('img_size')} px"
     meta = {k: v for k, v in saved.items() if k not in ("state_dict", "members")}
     return SavedModel(saved.get("level"), kind, description, classes, members, views, Path(path), meta)
@@ -219,16 +230,16 @@ def predict_probabilities(saved: SavedModel, images, precision: str = "auto"):
     from common.augment import tta_views
     from common.training import autocast, model_input, select_precision
 
-    views = tta_views(tta=True, shifts=True)
+    views = tta_views(tta=True, shifts=True, translates=True)
     total = None
     for member in saved.members:
         device = next(member.model.parameters()).device
         chosen = select_precision(device, precision, member.model)  # as the level chose it for its test set
         x = images.to(device)
         probs = 0
-        for view in saved.views:
+        for view in member.views:
             with torch.no_grad(), autocast(device, chosen):
                 logits = member.model(model_input(views[view](x), member.img_size, member.mean, member.std))
-            probs = probs + logits.float().softmax(1).cpu() / len(saved.views)
+            probs = probs + logits.float().softmax(1).cpu() / len(member.views)
         total = member.weight * probs if total is None else total + member.weight * probs
     return total

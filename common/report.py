@@ -295,9 +295,14 @@ def render_ensemble_report(metrics: dict, title: str) -> str:
         "what it all costs in parameters, training time and inference speed." + _one_family_caveat(members), "",
         "## Methods", "",
         f"- **Members**: {', '.join(members)}. `NAME+se` is Level 3's network: NAME with a Squeeze-and-Excitation "
-        "block on its final feature map. Each member gets a fresh 10-way head and is fine-tuned in full (every "
-        "parameter trains). Initial weights: "
-        + ", ".join(f"{n} {r['init']}" for n, r in metrics["members"].items()) + ".",
+        "block on its final feature map. Each timm member gets a fresh 10-way head and is fine-tuned in full "
+        "(every parameter trains). Initial weights: "
+        + ", ".join(f"{n} {r['init']}" for n, r in metrics["members"].items()) + "."
+        + (f" `cifarnet` is trained from scratch at 32 px with airbench's recipe (common/cifarnet.py): widths "
+           f"{cfg.get('cifarnet_widths')}, {cfg.get('cifarnet_epochs')} epochs of batch {cfg.get('cifarnet_batch_size')}, "
+           "Nesterov SGD with lookahead, warm-up then linear decay, label smoothing 0.2, alternating flip and "
+           "2-px translation; the optimization and regularization lines below are the other members'."
+           if "cifarnet" in members else ""),
         f"- **Optimization**: {cfg['optimizer']} (lr {cfg['lr']}, weight decay {cfg['weight_decay']}), linear warm-up "
         f"over {cfg['warmup']:.0%} of the steps then cosine to zero, {cfg['epochs']} epoch(s), batch {cfg['batch_size']}; "
         "the epoch with the best validation accuracy is kept.",
@@ -308,8 +313,10 @@ def render_ensemble_report(metrics: dict, title: str) -> str:
         + f", label smoothing {cfg['label_smoothing']}, stochastic depth (drop path) "
         f"{cfg['drop_path']}, AutoAugment CIFAR-10 policy {'on' if cfg['autoaugment'] else 'off'} (per image at "
         "32×32, before the random crop and flip, then the resize).",
-        f"- **Test-time augmentation**: views {', '.join(metrics['tta_views'])}; the probabilities of the views are "
-        "averaged.",
+        f"- **Test-time augmentation**: views {', '.join(metrics['tta_views'])}"
+        + "".join(f"; {n}: {', '.join(r['tta_views'])}" for n, r in metrics["members"].items()
+                  if r.get("tta_views") and r["tta_views"] != metrics["tta_views"])
+        + "; the probabilities of a member's views are averaged.",
         "- **Ensembles**: soft voting (the mean of the members' probabilities) and weighted soft voting, weights "
         + ("minimizing the validation log-loss (L-BFGS over softmax-parametrized weights)"
            if cfg["weighting"] == "logloss" else "proportional to validation accuracy")
@@ -323,7 +330,8 @@ def render_ensemble_report(metrics: dict, title: str) -> str:
         f"42), {metrics['val_size']:,} validation images (choice of epoch, ensemble weights), "
         f"{metrics['test_size']:,} test images (the official test set, scored once at the end).",
         f"- **Hardware**: {env['device']}, {precision_text(metrics)}; torch {env['torch']}, timm {env['timm']}.",
-        f"- **Budget**: {cfg['epochs']} epoch(s) per member at {cfg['img_size']} px; training took "
+        "- **Budget**: " + ", ".join(f"{n} {len(r['history'])} epoch(s) at {r.get('img_size', cfg['img_size'])} px"
+                                     for n, r in metrics["members"].items()) + "; training took "
         f"{duration(metrics['train_seconds'])} for the {len(members)} members together.",
         f"- **Seed**: {cfg['seed']} (initialization, shuffling, augmentation); the split is fixed.", "",
         "## Results", "",
@@ -341,7 +349,8 @@ def render_ensemble_report(metrics: dict, title: str) -> str:
         "numbers of the members and of the weighted vote are slightly optimistic; the test numbers are not.",
         f"- Full fine-tuning of every member at {cfg['img_size']} px is the expensive part; the recipe (learning "
         "rate, epochs) is shared by the members rather than tuned for each.",
-        "- No exponential moving average of weights (optional in the plan; not built).",
+        "- No exponential moving average of weights for the fine-tuned members"
+        + (" (cifarnet's lookahead is one)." if "cifarnet" in members else " (optional in the plan; not built)."),
         "- Inference speed is measured on this run's hardware and precision, with the preprocessing included.", "",
         "## How to reproduce", "",
         "```bash", f"python {fresh_command}",

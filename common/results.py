@@ -101,7 +101,23 @@ class LevelRun:
         configure_backends(device, settings.deterministic)
         self.metrics["environment"] = environment(device)
         self.device = device
+        self.compile = self._resolve_compile(settings)
         return device
+
+    def _resolve_compile(self, settings) -> bool:
+        """--compile, where torch.compile works here; recorded in metrics.json (`compile`) with the reason."""
+        from common.training import compiler_problem
+
+        if not settings.compile:
+            self.metrics["compile"] = dict(used=False, reason="eager (--no-compile, the default)")
+            return False
+        problem = compiler_problem()
+        if problem:
+            console.print(f"[yellow]--compile:[/] {problem}; training eagerly instead.", highlight=False)
+            self.metrics["compile"] = dict(used=False, reason=problem)
+            return False
+        self.metrics["compile"] = dict(used=True, reason="--compile")
+        return True
 
     def precision_for(self, model, key: str | None = None):
         """Training and inference precision for `model` (--precision), recorded with its reason."""

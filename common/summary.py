@@ -351,7 +351,10 @@ def status_text(m: dict) -> str:
         done = len(m.get("history") or [])
         if m.get("members") is not None:  # Level 4: the epochs of every member, the one in training included
             done = sum(len(r.get("history") or []) for r in m["members"].values())
-            epochs = epochs * len([n for n in str(m["config"].get("models", "")).split(",") if n.strip()]) or epochs
+            names = [n.strip() for n in str(m["config"].get("models", "")).split(",") if n.strip()]
+            # the from-scratch member has its own epoch count (--cifarnet-epochs)
+            epochs = sum(m["config"].get("cifarnet_epochs", epochs) if n == "cifarnet" else epochs
+                         for n in names) or epochs
         status += f" after {done}" + (f" of {epochs}" if epochs else "") + " epoch(s)"
     if m.get("recorded_status") == "running" and m.get("status") == "interrupted":
         status += " (killed: its process is gone)"
@@ -412,7 +415,10 @@ def _level_section(m: dict, out_dir: Path) -> list[str]:
               f"- Test accuracy: **{pct(m.get('test_accuracy'))}** on {m.get('test_size')} images; "
               f"validation {pct(m.get('val_accuracy'))} on {m.get('val_size')}; trained on {m.get('train_size')}",
               f"- Model: {cfg.get('model')} at {cfg.get('img_size')} px, {cfg.get('epochs')} epoch(s), "
-              f"batch {cfg.get('batch_size')}, lr {cfg.get('lr')}",
+              f"batch {cfg.get('batch_size')}, lr {cfg.get('lr')}" if not m.get("members") else
+              "- Members: " + "; ".join(f"{n} at {r.get('img_size', cfg.get('img_size'))} px, "
+                                        f"{len(r.get('history') or [])} epoch(s), init {r.get('init')}"
+                                        for n, r in m["members"].items()),
               f"- Time: {_time_text(m)}, on {env.get('device', '—')} ({precision_text(m)})",
               f"- Command: `{m.get('command', '')}`"]
     for section in m.get("sections", []):

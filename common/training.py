@@ -141,6 +141,26 @@ def select_precision(device: torch.device, choice: str = "auto", model: nn.Modul
     return Precision("bf16", bf16, False, bf16, "CPU with bf16 hardware: bf16 for inference and training")
 
 
+def compiler_problem() -> str | None:
+    """None when torch.compile works here, else one line saying why not (checked once, on a tiny function).
+
+    On a CPU, inductor writes C++ and builds it with the system's compiler: a machine without one (or with a
+    broken one) gets this line instead of a traceback, and the run goes on eagerly."""
+    global _COMPILER_PROBLEM
+    if _COMPILER_PROBLEM is None:
+        try:
+            probe = torch.compile(lambda x: torch.nn.functional.gelu(x) * 2 + 1)
+            probe(torch.ones(8))
+            _COMPILER_PROBLEM = ""
+        except Exception as error:  # a missing compiler shows up as one of several exception types
+            first = (str(error).strip().splitlines() or [""])[0][:160]
+            _COMPILER_PROBLEM = f"torch.compile does not work on this machine ({type(error).__name__}: {first})"
+    return _COMPILER_PROBLEM or None
+
+
+_COMPILER_PROBLEM: str | None = None
+
+
 def configure_backends(device: torch.device, deterministic: bool = False) -> None:
     if device.type == "cuda":
         # fixed input shapes: let cuDNN try its kernels once and keep the fastest (the one nondeterminism left)
@@ -552,7 +572,7 @@ def _cpu_copy(state_dict: dict) -> dict:
 def fit(model: nn.Module, train_batches, val_batches, *, epochs: int, optimizer, scheduler, loss_fn,
         device: torch.device, precision: Precision, mix: Callable | None = None, display=NullDisplay(),
         history: list | None = None, checkpoint: EpochCheckpoint | None = None,
-        on_epoch_end: Callable[[], None] | None = None) -> FitResult:
+        on_epoch_end: Callable[[], None] | None = None, compile: bool = False) -> FitResult:
     """Level 1's loop, grown up: the training loop of Levels 2 to 4.
 
     Each epoch it does what Level 1 writes out by hand (batches -> forward -> loss -> backward -> step ->
@@ -564,11 +584,15 @@ def fit(model: nn.Module, train_batches, val_batches, *, epochs: int, optimizer,
       to `on_epoch_end` (the level writes metrics.json there), so a killed run loses at most one epoch;
     - under torchrun (common/distributed.py) DistributedDataParallel, each process taking its share of every
       batch; the caller passes the same arguments as for one process.
-    `history` (a list) receives one dict per epoch as it finishes.
+    `history` (a list) receives one dict per epoch as it finishes. With `compile` (--compile), the training
+    steps run through torch.compile; `model` itself stays the plain module, so checkpoints and model.pt hold
+    its state dict, with no `_orig_mod.` prefixes.
     """
     result = FitResult(history=history if history is not None else [])
     scaler = torch.amp.GradScaler(device.type) if precision.use_grad_scaler else None
     trained = distributed.wrap(model, device)
+    if compile:
+        trained = torch.compile(trained)
     train_batches = process_share(train_batches, training=True)
     best_state, first_epoch = None, 1
     stored = checkpoint.load() if checkpoint is not None else None

@@ -121,11 +121,16 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
                    pretrained_tag=pretrained_tag(model) if settings.pretrained else None)
     mean, std = normalization(model)
 
+    def pooled_features(x: torch.Tensor) -> torch.Tensor:
+        return model.forward_head(model.forward_features(x), pre_logits=True)
+
+    # --compile: the feature pass (the level's expensive part) through torch.compile; the head trains eagerly
+    backbone = torch.compile(pooled_features) if run.compile else pooled_features
+
     def features_of(batch: torch.Tensor) -> torch.Tensor:
         """uint8 images -> the frozen backbone's pooled features: what the head sees."""
         with torch.no_grad(), autocast(device, precision):
-            x = model_input(batch, hp.img_size, mean, std)
-            return model.forward_head(model.forward_features(x), pre_logits=True).float()
+            return backbone(model_input(batch, hp.img_size, mean, std)).float()
 
     # ------------------------------------------------------------------------------------------------------
     #                      Features: the frozen backbone, once per split (and saved)
@@ -215,7 +220,7 @@ def bench_recipes(overrides: dict) -> list:
     --no-cache-features path, whose speed is the backbone's)."""
     from common.bench import Recipe, random_timm_model, train_only_head, with_overrides
 
-    hp = with_overrides(Hyperparameters(), overrides)
+    hp = with_overrides(Hyperparameters(), overrides, profiles=dict(cpu=CPU_PROFILE))
     return [Recipe(1, "Level 1", hp.model, hp.img_size, hp.batch_size, hp.feature_batch_size,
                    "head (frozen backbone run live, as --no-cache-features)", "none",
                    lambda: train_only_head(random_timm_model(hp.model, hp.img_size, drop_rate=0.0)),

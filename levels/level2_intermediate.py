@@ -168,7 +168,7 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
         checkpoint = run.checkpoint(run_name, epochs=epochs, train_images=len(data["train"][1]))
         return model, train(model, data, hp, epochs=epochs, augmented=arm.augment, seed=settings.seed,
                             device=device, precision=precision, title=title, history=history,
-                            checkpoint=checkpoint, on_epoch_end=run.epoch_done)
+                            checkpoint=checkpoint, on_epoch_end=run.epoch_done, compile=run.compile)
 
     # ------------------------------------------------------------------------------------------------------
     #                              Ablation: four arms, the same budget each
@@ -272,7 +272,7 @@ def bench_recipes(overrides: dict) -> list:
     """What `python run.py bench` times for this level: the recipe's trainable part, with its augmentation."""
     from common.bench import Recipe, random_timm_model, train_part, with_overrides
 
-    hp = with_overrides(Hyperparameters(), overrides)
+    hp = with_overrides(Hyperparameters(), overrides, profiles=dict(cpu=CPU_PROFILE))
     return [Recipe(2, "Level 2", hp.model, hp.img_size, hp.batch_size, hp.eval_batch_size,
                    f"{hp.fine_tune_scope} + head", ", ".join(augmentation_steps(hp)),
                    lambda: train_part(random_timm_model(hp.model, hp.img_size), hp.fine_tune_scope), hp.optimizer,

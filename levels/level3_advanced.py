@@ -253,7 +253,7 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
     result = train(model, images, hp, epochs=hp.epochs, augmented=hp.augment, seed=settings.seed, device=device,
                    precision=precision, title=f"{TITLE} — {hp.model} + SE at {hp.img_size}px on "
                                               f"{metrics['environment']['device']}", history=metrics["history"],
-                   checkpoint=run.checkpoint("main"), on_epoch_end=run.epoch_done)
+                   checkpoint=run.checkpoint("main"), on_epoch_end=run.epoch_done, compile=run.compile)
     se_after = [p.detach() for b in se_blocks for p in b.parameters()]
     metrics.update(best_epoch=result.best_epoch, val_accuracy=result.best_val_accuracy, train_seconds=result.train_seconds,
              se_trained=all(not torch.equal(a.cpu(), b.cpu()) for a, b in zip(se_before, se_after)))
@@ -326,7 +326,7 @@ def bench_recipes(overrides: dict) -> list:
     from common.bench import Recipe, train_part, with_overrides
     from common.finetuning import crop_flip_jitter
 
-    hp = with_overrides(Hyperparameters(), overrides)
+    hp = with_overrides(Hyperparameters(), overrides, profiles=dict(cpu=CPU_PROFILE))
     return [Recipe(3, "Level 3", hp.model + " + SE", hp.img_size, hp.batch_size, hp.eval_batch_size,
                    f"{hp.fine_tune_scope} + SE + head", ", ".join(augmentation_steps(hp)),
                    lambda: train_part(build_se_model(hp.model, False, None, num_classes=10), hp.fine_tune_scope),

@@ -23,6 +23,10 @@ What changed since Level 3
       and OUT/level4/report.md, written from this run's numbers only.
     - A checkpoint after every epoch of every member (common.training.fit); --resume continues a member
       part-way through and skips the members already trained. OUT/level4/model.pt holds the whole ensemble.
+    - A member of another kind: `cifarnet` (common/cifarnet.py), a small network trained from scratch at 32 px
+      with the ideas of airbench (whitened first layer, alternating flip, lookahead...). Its mistakes differ from
+      those of ImageNet networks fed blown-up images, which is what a vote needs; alone it is the fastest way
+      to a strong model on a CPU (--models cifarnet).
 
 Run
     python levels/level4_expert.py                   # the three members, ImageNet weights from the hub
@@ -30,6 +34,7 @@ Run
     python levels/level4_expert.py --resume          # after a crash: from each member's last finished epoch
     python levels/level4_expert.py --profile cpu --weights efficientnet_lite0+se=L0,efficientnet_lite1=L1,\\
         efficientnet_lite2=L2                        # the whole data set on a CPU (see CPU_PROFILE)
+    python levels/level4_expert.py --profile cpu --models cifarnet   # the from-scratch member alone, on a CPU
     python levels/level4_expert.py --models efficientnet_lite0,resnet18 \\
         --weights efficientnet_lite0=FILE --no-pretrained     # offline: local weights for some members
     (--weights: NAME=FILE pairs, or a bare FILE for one member; the others download, or --no-pretrained)
@@ -118,7 +123,7 @@ CPU_PROFILE = dict(models="efficientnet_lite0+se,efficientnet_lite1,efficientnet
 
 TITLE = "Level 4: ensemble of three architectures"
 CIFARNET = "cifarnet"  # the --models name of common/cifarnet.py's from-scratch network
-APPROACH = "Ensemble (weighted soft voting{tta}) of fine-tuned {members}"  # by default ResNet50+SE, EfficientNet, ViT
+APPROACH = "Ensemble (weighted soft voting{tta}) of {members}"  # by default fine-tuned ResNet50+SE, EfficientNet, ViT
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,7 +143,8 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
     # ------------------------------------------------------------------------------------------------------
     #                                              Setup
     members = member_names(hp.models)
-    metrics["approach"] = APPROACH.format(tta=" + TTA" if hp.tta else "", members=", ".join(members))  # before any write
+    described = [f"{n} (from scratch)" if n == CIFARNET else f"fine-tuned {n}" for n in members]
+    metrics["approach"] = APPROACH.format(tta=" + TTA" if hp.tta else "", members=", ".join(described))  # before any write
     weights = member_weights(settings.weights, members)
     check_recipe(hp)
     # seeds Python's, numpy's (timm's Mixup draws from them) and torch's generators from --seed, so that two runs
@@ -261,6 +267,7 @@ def run_member(run: LevelRun, number: int, count: int, name: str, weights: str |
     title = f"Member {number}/{count}: {name} at {img_size}px on {metrics['environment']['device']}"
     with TrainingDisplay(title, epochs) as display:
         train = train_cifarnet if from_scratch else train_member
+        settings = dataclasses.replace(settings, compile=run.compile)  # --compile where it works here
         result = train(model, images, settings, hp, device, precision, display, record["history"],
                        checkpoint=run.checkpoint(f"member {name}", member=name, init=init),
                        on_epoch_end=run.epoch_done)
@@ -304,7 +311,7 @@ def train_member(model: nn.Module, images: dict, settings, hp: Hyperparameters, 
     return fit(model, train_batches, val_batches, epochs=hp.epochs, optimizer=optimizer,
                scheduler=warmup_cosine(optimizer, steps, hp.warmup), loss_fn=loss_fn, device=device,
                precision=precision, mix=mix, display=display, history=history, checkpoint=checkpoint,
-               on_epoch_end=on_epoch_end)
+               on_epoch_end=on_epoch_end, compile=settings.compile)
 
 
 def train_cifarnet(model: cifarnet.CifarNet, images: dict, settings, hp: Hyperparameters, device, precision, display,
@@ -330,7 +337,7 @@ def train_cifarnet(model: cifarnet.CifarNet, images: dict, settings, hp: Hyperpa
                scheduler=cifarnet.warmup_then_decay(optimizer, steps, recipe),
                loss_fn=nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing), device=device,
                precision=precision, display=display, history=history, checkpoint=checkpoint,
-               on_epoch_end=on_epoch_end)
+               on_epoch_end=on_epoch_end, compile=settings.compile)
 
 
 def mixing(hp: Hyperparameters) -> tuple[Callable | None, nn.Module]:
@@ -349,14 +356,27 @@ def bench_recipes(overrides: dict) -> list:
     """What `run.py bench` times: each member trained in full, with this level's augmentation and MixUp/CutMix."""
     from common.bench import Recipe, with_overrides
 
-    hp = with_overrides(Hyperparameters(), overrides)
+    hp = with_overrides(Hyperparameters(), overrides, profiles=dict(cpu=CPU_PROFILE))
     mix, loss_fn = mixing(hp)
     steps = (["AutoAugment (CIFAR-10 policy, per image, on the device)"] if hp.autoaugment else []) + \
         ["crop + flip"] + (["MixUp/CutMix"] if mix else [])
-    return [Recipe(4, f"Level 4: {name}", name, hp.img_size, hp.batch_size, hp.eval_batch_size, "all",
-                   ", ".join(steps), lambda name=name: build_member(name, False, None, hp), hp.optimizer, hp.lr,
-                   hp.weight_decay, augment=lambda x: augment(x, hp), mix=mix, loss_fn=loss_fn)
-            for name in ([overrides["model"]] if overrides.get("model") else member_names(hp.models))]
+    names = [overrides["model"]] if overrides.get("model") else member_names(hp.models)
+    recipes = [Recipe(4, f"Level 4: {name}", name, hp.img_size, hp.batch_size, hp.eval_batch_size, "all",
+                      ", ".join(steps), lambda name=name: build_member(name, False, None, hp), hp.optimizer, hp.lr,
+                      hp.weight_decay, augment=lambda x: augment(x, hp), mix=mix, loss_fn=loss_fn)
+               for name in names if name != CIFARNET]
+    if CIFARNET in names:  # its own recipe: 32 px, its batch size, flip + translate, SGD (common/cifarnet.py)
+        def flip_translate(x: torch.Tensor) -> torch.Tensor:
+            flipped = torch.rand(len(x), device=x.device) < 0.5
+            return cifarnet.translate(torch.where(flipped.view(-1, 1, 1, 1), x.flip(-1), x), 2)
+
+        batch = overrides.get("batch_size") or hp.cifarnet_batch_size
+        recipes.append(Recipe(4, f"Level 4: {CIFARNET}", CIFARNET, 32, batch, hp.eval_batch_size,
+                              "all (from scratch)", "alternating flip + translate",
+                              lambda: build_member(CIFARNET, False, None, hp), "sgd", 0.1, 5e-4,
+                              augment=flip_translate,
+                              loss_fn=nn.CrossEntropyLoss(label_smoothing=cifarnet.CifarNetRecipe.label_smoothing)))
+    return recipes
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def test_smoke_run_trains_every_member_and_writes_the_contract(smoke):
     assert m["level"] == 4 and m["status"] == "complete" and m["quick"] is True
     assert (m["train_size"], m["val_size"], m["test_size"]) == (64, 50, 100)
     assert list(m["members"]) == MEMBERS and m["config"]["img_size"] == 32
-    assert m["approach"] == "Ensemble (weighted soft voting + TTA) of fine-tuned " + ", ".join(MEMBERS)
+    assert m["approach"] == "Ensemble (weighted soft voting + TTA) of " + ", ".join(f"fine-tuned {n}" for n in MEMBERS)
     for name, record in m["members"].items():
         assert record["status"] == "trained" and record["resumed_epochs"] == 0 and len(record["history"]) == 1
         assert record["parameters"] > 1_000_000 and record["images_per_second"] > 0

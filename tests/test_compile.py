@@ -1,0 +1,54 @@
+"""--compile: training through torch.compile keeps the files plain, and a machine without a working C++ compiler
+gets one line and an eager run, never a traceback. `run.py bench --profile cpu` times each recipe four ways."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from conftest import run_cli
+
+TINY = ["--quick", "--models", "cifarnet", "--train-size", "200", "--val-size", "100", "--test-size", "100",
+        "--cifarnet-epochs", "1", "--cifarnet-batch-size", "50", "--cifarnet-widths", "8,16,16", "--no-tta"]
+
+
+def test_compiled_training_keeps_plain_checkpoints_and_model_file(cifar_dir, tmp_path):
+    result = run_cli("run.py", "level", "4", *TINY, "--compile", "--data-dir", str(cifar_dir),
+                     "--out-dir", str(tmp_path), timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    m = json.loads((tmp_path / "level4" / "metrics.json").read_text())
+    assert m["compile"] == {"used": True, "reason": "--compile"} and m["config"]["compile"] is True
+    saved = torch.load(tmp_path / "level4" / "model.pt", weights_only=True)
+    keys = list(saved["members"][0]["state_dict"])
+    assert keys and not any("_orig_mod" in k for k in keys)  # the plain module's names, loadable without compile
+
+
+def test_without_a_cpp_compiler_compile_is_one_line_and_the_run_goes_on_eagerly(cifar_dir, tmp_path):
+    # inductor builds its C++ with $CXX: point it at nothing, as on a machine without a compiler
+    result = run_cli("run.py", "level", "4", *TINY, "--compile", "--data-dir", str(cifar_dir),
+                     "--out-dir", str(tmp_path), env={"CXX": "/nonexistent/c++"}, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("--compile:")]
+    assert len(lines) == 1 and "training eagerly instead" in lines[0]
+    m = json.loads((tmp_path / "level4" / "metrics.json").read_text())
+    assert m["compile"]["used"] is False and "torch.compile does not work" in m["compile"]["reason"]
+    assert m["status"] == "complete"
+
+
+def test_bench_profile_cpu_times_each_recipe_four_ways(cifar_dir, tmp_path):
+    result = run_cli("run.py", "bench", "--profile", "cpu", "--quick", "--level", "4", "--model", "cifarnet",
+                     "--batch-size", "32", "--steps", "1", "--repeats", "1", "--no-level1-comparison",
+                     "--data-dir", str(cifar_dir), "--out-dir", str(tmp_path), env={"CXX": "/nonexistent/c++"},
+                     timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "bench.json").read_text())
+    (row,) = report["recipes"]
+    assert (row["model"], row["img_size"]) == ("cifarnet", 32)  # the profile's recipe: 32 px, not --quick's 64
+    assert set(row["speeds"]) == {"eager-fp32", "eager-bf16", "compiled-fp32", "compiled-bf16"}
+    assert row["speeds"]["eager-fp32"] > 0 and row["chosen"] in row["speeds"]
+    # no compiler here (CXX points at nothing): the compiled ways are not timed, and bench.md says why
+    assert row["speeds"]["compiled-fp32"] is None and "torch.compile does not work" in row["notes"]["compiled-fp32"]
+    assert row["fraction_of_peak"] is not None and 0 < row["fraction_of_peak"] < 1.5
+    assert "each recipe four ways" in (tmp_path / "bench.md").read_text()
