@@ -104,7 +104,7 @@ def test_whitening_layer_decorrelates_patches(cifar_dir):
         out = torch.nn.functional.conv2d(images, model.whiten.weight[:12])  # no bias, no GELU
     flat = out.permute(0, 2, 3, 1).reshape(-1, 12).double()
     covariance = flat.T @ flat / len(flat)
-    assert torch.allclose(covariance, torch.eye(12, dtype=torch.double), atol=1e-2)
+    assert torch.allclose(covariance, torch.eye(12, dtype=torch.double), atol=2e-2)
     # and the other 12 filters are the same ones negated (so the GELU after it keeps both signs)
     assert torch.equal(model.whiten.weight[12:], -model.whiten.weight[:12])
 
