@@ -25,8 +25,8 @@ What changed since Level 3
       part-way through and skips the members already trained. OUT/level4/model.pt holds the whole ensemble.
     - A member of another kind: `cifarnet` (common/cifarnet.py), a small network trained from scratch at 32 px
       with the ideas of airbench (whitened first layer, alternating flip, lookahead...). Its mistakes differ from
-      those of ImageNet networks fed blown-up images, which is what a vote needs; alone it is the fastest way
-      to a strong model on a CPU (--models cifarnet).
+      those of ImageNet networks fed blown-up images, which is what a vote needs. Alone (--models cifarnet) it
+      needs no pretrained weights at all, and trains in about half an hour on a 2-core CPU.
 
 Run
     python levels/level4_expert.py                   # the three members, ImageNet weights from the hub
@@ -117,6 +117,9 @@ class Hyperparameters:
 # 89.09%). Measured, one run on a 2-core Xeon (AMX), the shared JPEG copy: 163 min of training (35-45 img/s,
 # fp32; 1.36x the 2-hour cap), about 3 h in all; members 89.9 / 90.5 / 90.6% on test with TTA, the ensemble
 # 91.19% (+0.73 over the best member, 1.8 short of the 93% bar). See the README.
+# cifarnet under the CPU profile (--models cifarnet, or in a mix) takes airbench93's widths, a quarter of airbench94's
+# FLOPs: on a 2-core AMD EPYC (AVX2, fp32) 64,256,256 trained at about 127 images/s, 64,128,128 at about 270 (eager,
+# channels_last; compiled: no faster). Measured with them: 88.28% test in 33.6 min (common/cifarnet.py says more).
 CPU_PROFILE = dict(models="efficientnet_lite0+se,efficientnet_lite1,efficientnet_lite2", model=None, img_size=128,
                    epochs=3, lr=1e-3, weight_decay=0.05, mixup=False, cutmix=False,
                    cifarnet_widths="64,128,128", cifarnet_epochs=10)
