@@ -52,7 +52,7 @@ class CifarNetRecipe:
     batchnorm_momentum: float = 0.6  # airbench's convention: the weight of the *old* running statistics
     output_scale: float = 1 / 9  # the logits are scaled down: a temperature that suits label smoothing 0.2
     whiten_eps: float = 5e-4
-    whiten_images: int = 5000  # training images whose 2x2 patches set the whitening layer
+    whiten_images: int = 5000  # training images (of every class) whose 2x2 patches set the whitening layer
     lookahead_every: int = 5  # steps between two lookahead updates
 
 

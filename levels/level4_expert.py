@@ -326,8 +326,10 @@ def train_cifarnet(model: cifarnet.CifarNet, images: dict, settings, hp: Hyperpa
     mean, std = normalization(model)
     to_input = lambda b: model_input(b, 32, mean, std)  # noqa: E731
     train_images = images["train"][0]
-    # whitening from the first 5,000 training images (--resume then overwrites it with the saved, identical layer)
-    cifarnet.init_whitening(model, to_input(train_images[:recipe.whiten_images]).float())
+    # whitening from 5,000 training images spread evenly over the split: the split is stored class by class, so
+    # its first 5,000 would be airplanes and cars only (--resume then loads the saved, identical layer)
+    every = max(1, len(train_images) // recipe.whiten_images)
+    cifarnet.init_whitening(model, to_input(train_images[::every][:recipe.whiten_images]).float())
     train_batches = cifarnet.AlternatingFlipBatches(*images["train"], recipe.batch_size, seed=settings.seed,
                                                     shift=recipe.translate, transform=to_input)
     if len(train_batches) == 0:
