@@ -313,10 +313,26 @@ def _regularization_judge(m: dict, _: Path) -> Verdict:
     return Verdict(FAIL if off else PASS, ("off: " + ", ".join(off)) if off else "on: " + ", ".join(used))
 
 
+ENSEMBLE_GAIN_POINTS = 0.5  # Level 4's target: the ensemble ahead of its best member by at least this, on test
+
+
+def _ensemble_gain_judge(m: dict, _: Path) -> Verdict:
+    gain, reference = m.get("gain_over_best_member"), m.get("best_member")
+    if not gain or gain.get("points") is None:
+        return Verdict(FAIL, "no gain over the best member recorded")
+    if str(m.get("chosen", "")).endswith("TTA"):
+        reference = f"{reference} + TTA"
+    ok = gain["points"] >= ENSEMBLE_GAIN_POINTS
+    return Verdict(PASS if ok else FAIL, f"{gain['points']:+.2f} points {'≥' if ok else '<'} "
+                                         f"+{ENSEMBLE_GAIN_POINTS:.2f} over {reference} (± "
+                                         f"{gain.get('standard_error_points', 0):.2f}, paired on the same test images)")
+
+
 CHECKLISTS[4] = [
     ("Test accuracy ≥ 93%", accuracy_judge(4)),
     ("At least three models trained", _members_trained_judge),
     ("Ensemble implemented and evaluated (soft and weighted voting, weights fitted on validation)", _ensemble_judge),
+    (f"Ensemble ahead of its best member by ≥ {ENSEMBLE_GAIN_POINTS} points on test", _ensemble_gain_judge),
     ("Comparative table: every member and ensemble, with and without TTA", _comparison_judge),
     ("Report present with its sections (motivation, methods, setup, results, analysis, limitations, "
      "reproduction)", _report_judge),
