@@ -166,7 +166,7 @@ def status_table(out_dir: Path):
     from rich.table import Table
 
     from common.records import load_metrics
-    from common.summary import ACCURACY_BARS, LEVELS, status_text
+    from common.summary import ACCURACY_BARS, LEVELS, meets_bar, status_text
 
     runs = load_metrics(out_dir) if out_dir.is_dir() else {}
     colours = {"complete": "green", "running": "cyan", "interrupted": "yellow", "failed": "red"}
@@ -184,7 +184,7 @@ def status_table(out_dir: Path):
             acc = m.get("test_accuracy")
             accuracy = "—" if acc is None else f"{acc:.2%}" + (f" on {m.get('test_size'):,}" if m.get("quick") else "")
             verdict = f"— (≥ {bar:.0%})" if acc is None else (
-                f"[green]met[/] (≥ {bar:.0%})" if acc >= bar else f"[red]not met[/] (< {bar:.0%})")
+                f"[green]met[/] (≥ {bar:.0%})" if meets_bar(number, acc) else f"[red]not met[/] (< {bar:.0%})")
             if m.get("quick") and acc is not None:
                 verdict += " smoke run"
             trained, started = _duration(m.get("train_seconds")), m.get("started_at") or "—"

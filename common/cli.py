@@ -145,7 +145,8 @@ def _invalid(values: dict) -> list[str]:
         if size is not None and not 10 <= size <= most:
             problems.append(f"--{key.replace('_', '-')} {size}: a stratified subset needs at least 10 images (one "
                             f"per class) and at most the {most:,} of its split")
-    for key, value in values.items():  # a level's other sizes and counts (--ablation-epochs, --eval-batch-size)
-        if key.endswith(("_epochs", "_batch_size")) and isinstance(value, int) and value < 1:
+    for key, value in values.items():  # a level's other sizes and counts (--ablation-epochs, --eval-batch-size,
+        # the SE block's --reduction / --se-reduction, a divisor)
+        if key.endswith(("_epochs", "_batch_size", "reduction")) and isinstance(value, int) and value < 1:
             problems.append(f"--{key.replace('_', '-')} must be at least 1, not {value}")
     return problems

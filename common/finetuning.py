@@ -39,11 +39,16 @@ def augmentation_steps(hp) -> list[str]:
 def fine_tune_scope(backbone: nn.Module, scope: str) -> list[nn.Module]:
     """The backbone modules that train with the head: its last stage (ResNet50's layer4; for an EfficientNet
     the last block stage with conv_head and bn2), or "all" of it."""
+    check_scope(scope)
+    return [backbone] if scope == "all" else last_stage(backbone)
+
+
+def check_scope(scope: str) -> None:
+    """--fine-tune-scope, checked before anything trains (Level 2's first arms train the head alone)."""
     from common.training import SetupError
 
     if scope not in SCOPES:
         raise SetupError(f"--fine-tune-scope must be one of {', '.join(SCOPES)}, not '{scope}'.")
-    return [backbone] if scope == "all" else last_stage(backbone)
 
 
 def evaluation_batches(images: dict, split: str, model: nn.Module, hp) -> TensorBatches:

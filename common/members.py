@@ -5,7 +5,6 @@ from __future__ import annotations
 from common.training import SetupError
 
 
-
 def member_names(spec: str) -> list[str]:
     """--models: comma-separated timm names (NAME+se for Level 3's SE block on NAME), each at most once."""
     names = [n.strip() for n in spec.split(",") if n.strip()]
@@ -13,6 +12,10 @@ def member_names(spec: str) -> list[str]:
         raise SetupError("--models is empty: give comma-separated timm names, e.g. resnet50+se,efficientnet_b0.")
     if len(set(names)) != len(names):
         raise SetupError(f"--models names a member twice: {spec}.")
+    from common.models import check_model_name
+
+    for name in names:  # all of them now: a typo in the last member must not wait for the others to train
+        check_model_name(name.removesuffix("+se"), flag="--models")
     return names
 
 

@@ -21,12 +21,7 @@ def create_model(name: str, num_classes: int = 10, pretrained: bool = True, weig
     """
     import timm
 
-    if not timm.is_model(name):
-        import difflib
-
-        close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=6, cutoff=0.5)
-        raise SetupError(f"--model '{name}' is not a timm model." + (f" Closest timm names: {', '.join(close)}."
-                                                                     if close else " See timm.list_models()."))
+    check_model_name(name)
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_file():
@@ -46,6 +41,18 @@ def create_model(name: str, num_classes: int = 10, pretrained: bool = True, weig
                              f"{type(error).__name__}: {detail[:400]}") from None
         raise SetupError(f"Could not download the pretrained weights of {name} "
                          f"({type(error).__name__}: {str(error)[:300]}).\n{OFFLINE_HELP}") from None
+
+
+def check_model_name(name: str, flag: str = "--model") -> None:
+    """A SetupError naming `flag` and the closest timm names when timm has no model `name`."""
+    import timm
+
+    if not timm.is_model(name):
+        import difflib
+
+        close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=6, cutoff=0.5)
+        raise SetupError(f"{flag} '{name}' is not a timm model." + (f" Closest timm names: {', '.join(close)}."
+                                                                    if close else " See timm.list_models()."))
 
 
 def zero_head(model: nn.Module) -> nn.Module:

@@ -51,8 +51,8 @@ from torch import nn
 
 from common.cli import parse_args
 from common.data import CLASSES, stratified_subset
-from common.finetuning import (SCOPE_WORDS, augmentation_steps, crop_flip_jitter, evaluation_batches, fine_tune_scope,
-                               train)
+from common.finetuning import (SCOPE_WORDS, augmentation_steps, check_scope, crop_flip_jitter, evaluation_batches,
+                               fine_tune_scope, train)
 from common.models import check_input_size, create_model, last_stage, pretrained_tag, train_only, zero_head
 from common.plots import plot_ablation, plot_augmentation, plot_training_curves
 from common.results import LevelRun
@@ -147,6 +147,7 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
 
     # ------------------------------------------------------------------------------------------------------
     #                                              Setup
+    check_scope(hp.fine_tune_scope)  # now: the arms that train the head alone would not find a typo in it
     device = run.setup(settings)  # seeds, device, output folder check (see common/results.py)
 
     # ------------------------------------------------------------------------------------------------------

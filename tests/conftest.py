@@ -53,7 +53,8 @@ def lite0_weights() -> Path:
     return _require(LITE0_WEIGHTS)
 
 
-def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None, cwd: Path = ROOT
+            ) -> subprocess.CompletedProcess:
     """Run a command the way a user does (`python run.py ...` or `python levels/...`), from the repo root."""
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
