@@ -7,7 +7,7 @@ worth keeping is filed with `python run.py record --level N --from OUT_DIR`:
   results/gpu/levelN.json (the default recipe on a GPU), with a `record` entry added: the git commit whose code
   the run ran (found from the run's code_version, never assumed), and where its figures were put;
 - the run's figures are copied into docs/img/ as small PNGs (level3-confusion-matrix.png, ...), so that
-  the README can show them and the whole of docs/img stays under IMG_BUDGET_BYTES.
+  the README can show them and the whole of docs/img stays under IMG_BUDGET_BYTES (1 MB).
 
 The README's results table and pictures are generated from these records (common/summary.py, `python run.py
 summary --readme`): a number in the README is always one that a kept record holds.
@@ -48,6 +48,9 @@ KEPT_FIGURES = {
 }
 IMG_BUDGET_BYTES = 1_000_000  # all of docs/img: the repository stays small to clone
 IMG_WIDTHS = (900, 720, 560)  # pixels: the widest that fits the budget is used
+# Heatmaps whose colours are the numbers: a 256-colour palette would merge neighbouring cells' shades, so they
+# keep full colour. The other figures (curves, photos) lose nothing visible in a palette, at a third the size.
+FULL_COLOUR_FIGURES = ("confusion_matrix", "se_gates")
 
 
 class FilingError(Exception):
@@ -153,25 +156,27 @@ def find_commit(code_version: str, root: Path = ROOT, limit: int = 500) -> str |
 # Small PNGs for docs/img
 
 
-def small_png(source: Path, width: int) -> bytes:
-    """The figure as a PNG at most `width` pixels wide, in a 256-colour palette: the plots have few colours, so
-    they stay sharp at a fraction of the size."""
+def small_png(source: Path, width: int, palette: bool = True) -> bytes:
+    """The figure as a PNG at most `width` pixels wide; with `palette`, in 256 colours (see FULL_COLOUR_FIGURES)."""
     from PIL import Image
 
     with Image.open(source) as image:
         image = image.convert("RGB")
         if image.width > width:
             image = image.resize((width, round(image.height * width / image.width)), Image.Resampling.LANCZOS)
-        image = image.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+        if palette:
+            image = image.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG", optimize=True)
         return buffer.getvalue()
 
 
-def shrink_figures(sources: dict[str, Path], room: int) -> dict[str, bytes]:
-    """{name: PNG bytes} for the sources, at the widest of IMG_WIDTHS whose total fits in `room` bytes."""
+def shrink_figures(sources: dict[str, tuple[str, Path]], room: int) -> dict[str, bytes]:
+    """{name: PNG bytes} for the sources ({name: (figure key, path)}), at the widest of IMG_WIDTHS whose total
+    fits in `room` bytes."""
     for width in IMG_WIDTHS:
-        pngs = {name: small_png(path, width) for name, path in sources.items()}
+        pngs = {name: small_png(path, width, palette=key not in FULL_COLOUR_FIGURES)
+                for name, (key, path) in sources.items()}
         if sum(len(png) for png in pngs.values()) <= room:
             return pngs
     raise FilingError(f"the figures take {sum(len(p) for p in pngs.values()):,} bytes at {IMG_WIDTHS[-1]} px wide, "
@@ -223,7 +228,7 @@ def file_run(out_dir: Path, level: int, commit: str | None = None, root: Path = 
 
     img_dir = root / IMG_DIR.relative_to(ROOT)
     prefix = f"level{level}-"
-    sources = {figure_name(level, key): out_dir / path for key, path in (m.get("figures") or {}).items()
+    sources = {figure_name(level, key): (key, out_dir / path) for key, path in (m.get("figures") or {}).items()
                if key in KEPT_FIGURES[level] and (out_dir / path).is_file()}
     # the room left in docs/img, not counting this level's figures: filing the level again replaces them
     others = sum(f.stat().st_size for f in img_dir.glob("*.png") if not f.name.startswith(prefix)) \

@@ -529,25 +529,30 @@ def _accuracy_text(m: dict, link: str) -> str:
     return f"**{result_cells(m).test}** ± {se:.2f} ([record]({link}))"
 
 
+def _script_link(level: int) -> str:
+    """"[1](levels/level1_baseline.py)": the level's number, linking to its script."""
+    root = Path(__file__).resolve().parents[1]
+    script = next(root.glob(f"levels/level{level}_*.py"), None)
+    return f"[{level}]({script.relative_to(root).as_posix()})" if script else str(level)
+
+
 def readme_results(cpu: dict[int, dict], gpu: dict[int, dict]) -> list[str]:
     """The README's results table: a row per level, the CPU profile's kept record (or "not yet recorded") and
     the GPU recipe's (or "unmeasured")."""
-    lines = ["| level | what it teaches | CPU profile: test accuracy | bar | training time | hardware | model | "
-             "GPU recipe |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| level | what it teaches | CPU profile: test accuracy | bar | time | hardware | model | GPU recipe |",
+             "|---|---|---|---|---|---|---|---|"]
     for level in LEVELS:
         m, g = cpu.get(level), gpu.get(level)
-        if g is None:
-            on_gpu = "unmeasured: no GPU run recorded"
-        else:
-            c = result_cells(g)
-            on_gpu = f"{_accuracy_text(g, f'results/gpu/level{level}.json')}, {c.train_time} on {c.device}"
+        number = _script_link(level)
+        on_gpu = "unmeasured: no GPU run recorded" if g is None else \
+            f"{_accuracy_text(g, f'results/gpu/level{level}.json')}, {_time_text(g)} on {result_cells(g).device}"
         if m is None:
-            lines.append(f"| {level} | {TEACHES[level]} | not yet recorded ([earlier measurements]"
+            lines.append(f"| {number} | {TEACHES[level]} | not yet recorded ([earlier measurements]"
                          f"({HISTORY_PAGE}#level-{level})) | {_bar_text(level, None)} | — | — | — | {on_gpu} |")
             continue
-        c = result_cells(m)
-        lines.append(f"| {level} | {TEACHES[level]} | {_accuracy_text(m, f'results/cpu/level{level}.json')} | "
-                     f"{_bar_text(level, m)} | {c.train_time} | {c.device} | {_model_text(m)} | {on_gpu} |")
+        lines.append(f"| {number} | {TEACHES[level]} | {_accuracy_text(m, f'results/cpu/level{level}.json')} | "
+                     f"{_bar_text(level, m)} | {_time_text(m)} | {result_cells(m).device} | {_model_text(m)} | "
+                     f"{on_gpu} |")
     return lines
 
 
@@ -561,9 +566,9 @@ def readme_pictures(cpu: dict[int, dict]) -> list[str]:
         curves_shown = curves_shown or picture.key == "curves"
         lines += [f"![{picture.title}]({path})", "", f"*{picture.title}*: {picture.look_for}", ""]
     if not lines:
-        return ["No run has been filed as a record yet, so there are no pictures here yet. Every run draws its own "
-                "in `outputs/levelN/`; filing a finished full-data run (see [how results are kept]"
-                f"({RECORDS_PAGE})) puts them here."]
+        return ["No run has been filed as a record yet, so there are no pictures here yet. Every run draws its own",
+                f"in `outputs/levelN/`; filing a finished full-data run ([how results are kept]({RECORDS_PAGE})) "
+                "puts them here."]
     return lines[:-1]
 
 
