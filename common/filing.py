@@ -145,10 +145,13 @@ def code_version_at(commit: str, root: Path = ROOT) -> str:
 
 
 def find_commit(code_version: str, root: Path = ROOT, limit: int = 500) -> str | None:
-    """The newest commit (on HEAD's history) whose common/ and levels/ are exactly the code a run recorded as its
+    """The commit (on HEAD's history) that made common/ and levels/ exactly the code a run recorded as its
     code_version, or None: the run ran code that was never committed. Only the commits that changed that code
-    need checking: every other commit has the code of the last one that did."""
-    commits = _git(root, "rev-list", f"--max-count={limit}", "HEAD", "--", "common", "levels").decode().split()
+    need checking: every other commit has the code of the last one that did (so later commits that touched
+    neither, a README edit say, ran the same code). The newest such commit when the code came back to a state. --full-history: git would otherwise
+    skip a merged branch whose end result equals the other side's, and with it the code states along it."""
+    commits = _git(root, "rev-list", "--full-history", f"--max-count={limit}", "HEAD", "--", "common",
+                   "levels").decode().split()
     return next((commit for commit in commits if code_version_at(commit, root) == code_version), None)
 
 
