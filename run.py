@@ -1,5 +1,7 @@
 """The runner: `python run.py level N`, `python run.py all`, `python run.py summary`, `python run.py bench`,
-`python run.py predict IMAGE`, and `python run.py status` (also what `python run.py` alone shows).
+`python run.py predict IMAGE`, `python run.py record --level N` (file a finished run in results/; `summary
+--readme` regenerates the README's table from those records) and `python run.py status` (also what `python
+run.py` alone shows).
 
 Each level is a plain script in levels/; the runner imports it as a module (levels.levelN_...) and calls its
 main() with the flags you give, so `python run.py level 1 --quick` and `python levels/level1_baseline.py --quick`
@@ -80,13 +82,61 @@ def all_levels(ctx: typer.Context) -> None:
 
 
 @app.command()
-def summary(out_dir: Path = typer.Option(Path("outputs"), help="the folder the levels wrote to")) -> None:
-    """Rebuild OUT/summary.md from the saved results, without training."""
-    from common.progress import console
+def summary(
+    out_dir: Path = typer.Option(Path("outputs"), help="the folder the levels wrote to"),
+    readme: bool = typer.Option(False, "--readme", help="instead: regenerate README.md's results table and pictures "
+                                "from the kept records in results/ (see docs/records.md)"),
+    check: bool = typer.Option(False, "--check", help="with --readme: change nothing, exit 1 if README.md is stale"),
+) -> None:
+    """Rebuild OUT/summary.md from the saved results, without training; or, with --readme, the README's table."""
+    console = _light_console()
+    if readme:
+        from common.summary import render_readme, write_readme
+
+        path = ROOT / "README.md"
+        if check:
+            stale = render_readme(path.read_text()) != path.read_text()
+            console.print(f"{path.name} is {'stale: run python run.py summary --readme' if stale else 'up to date'}"
+                          f" (its results table and pictures against results/)", highlight=False)
+            raise typer.Exit(1 if stale else 0)
+        changed = write_readme(path)
+        console.print(f"{'Rewrote' if changed else 'Unchanged:'} {path.name}'s results table and pictures, from "
+                      f"results/", highlight=False)
+        return
     from common.summary import write_summary
 
     path = write_summary(out_dir)
     console.print(f"Wrote {path}")
+
+
+@app.command()
+def record(
+    level: int = typer.Option(..., help="the level whose run to file (1 to 4)"),
+    from_dir: Path = typer.Option(Path("outputs"), "--from", help="the output folder the run wrote to"),
+    commit: str | None = typer.Option(None, help="the commit the run ran, when its code matches none (a run "
+                                      "started from uncommitted code); the record says it was not verified"),
+) -> None:
+    """File a finished full-data run as a kept record: results/<cpu|gpu>/levelN.json, its figures as small PNGs
+    in docs/img, then README.md's results table and pictures regenerated. Refuses smoke, partial or unfinished
+    runs. See docs/records.md."""
+    from common.filing import FilingError, file_run
+    from common.summary import write_readme
+
+    console = _light_console()
+    if level not in LEVEL_FILES:
+        console.print(f"[bold red]Error:[/] there is no level {level}; levels are 1 to 4.")
+        raise typer.Exit(2)
+    try:
+        filed = file_run(from_dir, level, commit)
+    except FilingError as problem:
+        console.print(f"[bold red]Error:[/] {problem}", highlight=False)
+        raise typer.Exit(2)
+    console.print(f"Filed level {level}: {filed.record.relative_to(ROOT)} (commit {filed.commit[:12]}"
+                  f"{'' if filed.commit_verified else ', NOT verified: its code differs from the run'}), "
+                  f"{len(filed.figures)} figure(s) in docs/img", highlight=False)
+    write_readme(ROOT / "README.md")
+    console.print("README.md's results table and pictures regenerated. Commit the record, its figures and the "
+                  "README together.", highlight=False)
 
 
 @app.command()
