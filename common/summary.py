@@ -602,6 +602,30 @@ def readme_pictures(cpu: dict[int, dict]) -> list[str]:
     return lines[:-1]
 
 
+def readme_speed(results_dir: Path) -> list[str]:
+    """The README's speed table: each kept benchmark (results/cpu/bench/*.json, written by `python run.py bench
+    --profile cpu`), every recipe's training images/s four ways, and the way the levels use."""
+    import json
+
+    lines = []
+    for path in sorted(Path(results_dir).glob("*/bench/*.json")):
+        report = json.loads(path.read_text())
+        for r in report.get("recipes", []):
+            if not r.get("speeds"):
+                continue
+            cells = ["—" if r["speeds"].get(k) is None else f"{r['speeds'][k]:,.0f}"
+                     for k in ("eager-fp32", "eager-bf16", "compiled-fp32", "compiled-bf16")]
+            compile_s = ", ".join(f"{v['compile_seconds']:.0f} s" for v in (r.get("compile_payback") or {}).values())
+            lines.append(f"| {r['name']} | {r['model']} @ {r['img_size']} px, batch {r['batch_size']} | "
+                         + " | ".join(cells) + f" | {compile_s or '—'} | {r['fraction_of_peak']:.0%} | "
+                         f"{r['chosen']} | {report['device']} | [record]({path.relative_to(Path(results_dir).parent).as_posix()}) |")
+    if not lines:
+        return ["No benchmark has been kept yet (`python run.py bench --profile cpu`, then copy its bench.json "
+                "into results/cpu/bench/)."]
+    return ["| recipe | model | eager fp32 | eager bf16 | compiled fp32 | compiled bf16 | compile | of peak "
+            "| the levels use | hardware | |", "|---|---|---|---|---|---|---|---|---|---|---|", *lines]
+
+
 def _replace_block(text: str, name: str, body: list[str]) -> str:
     import re
 
@@ -618,6 +642,7 @@ def render_readme(text: str, results_dir: Path | None = None) -> str:
     results_dir = results_dir or RESULTS_DIR
     cpu, gpu = load_records("cpu", results_dir), load_records("gpu", results_dir)
     text = _replace_block(text, "results", readme_results(cpu, gpu))
+    text = _replace_block(text, "speed", readme_speed(results_dir))
     return _replace_block(text, "pictures", readme_pictures(cpu))
 
 

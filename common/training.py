@@ -185,7 +185,18 @@ def device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     import platform
 
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"CPU ({cpu_model_name() or platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def cpu_model_name() -> str | None:
+    """The processor's name as Linux reports it ("AMD EPYC", "Intel(R) Xeon(R) ..."); None elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() or None
+    except OSError:
+        pass
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------
