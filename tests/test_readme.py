@@ -167,7 +167,7 @@ def quick_run(cifar_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("quick-run")
     result = run_cli("run.py", "level", "1", "--quick", "--no-pretrained", "--train-size", "200", "--val-size", "100",
                      "--test-size", "100", "--img-size", "32", "--epochs", "1", "--data-dir", str(cifar_dir),
-                     "--out-dir", str(out))
+                     "--out-dir", str(out), timeout=900)  # seconds of work, but a busy machine can starve it
     assert result.returncode == 0, result.stdout + result.stderr
     return out
 
