@@ -116,7 +116,7 @@ class Hyperparameters:
 # augmentation by epoch 2 of 5 and led it at epoch 3 (validation 88.00% against 87.95%, then 89.50% against
 # 89.09%). Measured, one run on a 2-core Xeon (AMX), the shared JPEG copy: 163 min of training (35-45 img/s,
 # fp32; 1.36x the 2-hour cap), about 3 h in all; members 89.9 / 90.5 / 90.6% on test with TTA, the ensemble
-# 91.19% (+0.73 over the best member, 1.8 short of the 93% bar). See the README.
+# 91.19% (+0.73 over the best member, 1.8 short of the 93% bar). See docs/results-history.md.
 # cifarnet under the CPU profile (--models cifarnet, or in a mix) takes airbench93's widths, a quarter of airbench94's
 # FLOPs: on a 2-core AMD EPYC (AVX2, fp32) 64,256,256 trained at about 127 images/s, 64,128,128 at about 270 (eager,
 # channels_last; compiled: no faster). Measured with them: 88.28% test in 33.6 min (common/cifarnet.py says more).
