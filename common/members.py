@@ -5,8 +5,12 @@ from __future__ import annotations
 from common.training import SetupError
 
 
+FROM_SCRATCH = ("cifarnet",)  # members that are not timm models: common/cifarnet.py's network
+
+
 def member_names(spec: str) -> list[str]:
-    """--models: comma-separated timm names (NAME+se for Level 3's SE block on NAME), each at most once."""
+    """--models: comma-separated timm names (NAME+se for Level 3's SE block on NAME) or `cifarnet`, each at most
+    once."""
     names = [n.strip() for n in spec.split(",") if n.strip()]
     if not names:
         raise SetupError("--models is empty: give comma-separated timm names, e.g. resnet50+se,efficientnet_b0.")
@@ -15,7 +19,8 @@ def member_names(spec: str) -> list[str]:
     from common.models import check_model_name
 
     for name in names:  # all of them now: a typo in the last member must not wait for the others to train
-        check_model_name(name.removesuffix("+se"), flag="--models")
+        if name not in FROM_SCRATCH:
+            check_model_name(name.removesuffix("+se"), flag="--models")
     return names
 
 
