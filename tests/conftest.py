@@ -6,10 +6,12 @@ Under CI=true a missing shared file fails the suite; elsewhere the tests that ne
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -58,3 +60,100 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None, cwd: Path
     """Run a command the way a user does (`python run.py ...` or `python levels/...`), from the repo root."""
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+def kill_when(args: list[str], ready: Callable[[str], bool], env: dict | None = None) -> str:
+    """Start `python ARGS` as run_cli does and SIGKILL it (no handler runs, as for an out-of-memory kill or a
+    closed laptop) as soon as `ready` is true of a line it printed; -> what it printed.
+
+    A level prints "epoch N/M" after epoch N is saved (fit's end_epoch), so killing on that line, at once,
+    lands the kill in epoch N + 1 (a fixed sleep let a fast idle CPU finish that epoch too)."""
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if ready(line):
+                proc.send_signal(signal.SIGKILL)
+                break
+        else:
+            raise AssertionError("the process ended before it was to be killed:\n" + "".join(lines))
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL, "".join(lines)
+    return "".join(lines)
+
+
+def status_row(text: str, level: int) -> str:
+    """A level's row of `run.py status`'s table, each cell's wrapped lines joined: "cell | cell | ..."."""
+    import re
+
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if re.match(rf"│ {level} ", line))
+    rows = [lines[start]]
+    for line in lines[start + 1:]:
+        if not line.startswith("│") or re.match(r"│ \d ", line):
+            break
+        rows.append(line)
+    columns = zip(*(line.strip("│").split("│") for line in rows))
+    return " | ".join(" ".join(part.strip() for part in cell if part.strip()) for cell in columns)
+
+
+def nth_line(prefix: str, n: int = 1) -> Callable[[str], bool]:
+    """For kill_when: true at the n-th line that starts with `prefix`."""
+    seen = [0]
+
+    def ready(line: str) -> bool:
+        seen[0] += line.startswith(prefix)
+        return seen[0] == n
+
+    return ready
+
+
+def untimed(history: list[dict]) -> list[dict]:
+    """Epoch records without their timings, which differ from run to run."""
+    return [{k: v for k, v in h.items() if k not in ("seconds", "images_per_second")} for h in history]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Runs that several modules read (each made once per session, through the runner as a user makes it).
+# --device cpu: their numbers are compared bit for bit (resume) or with computations on the CPU; on a GPU,
+# cuDNN's autotuned kernels and TF32 make two runs differ in the last bits.
+
+SMALL = ["--quick", "--device", "cpu", "--model", "efficientnet_lite0", "--img-size", "64", "--train-size", "200",
+         "--val-size", "100", "--test-size", "100"]
+LEVEL1_FLAGS = [*SMALL, "--epochs", "20", "--lr", "1e-2"]  # the head on cached features: 20 epochs cost little
+LEVEL2_FLAGS = [*SMALL, "--batch-size", "32", "--lr", "3e-3", "--ablation-epochs", "2", "--epochs", "3"]
+LEVEL3_FLAGS = ["--quick", "--device", "cpu", "--model", "efficientnet_lite0", "--img-size", "64", "--train-size",
+                "400", "--val-size", "200", "--test-size", "200", "--lr", "1e-3", "--epochs", "2"]
+
+
+@pytest.fixture(scope="session")
+def level2_outputs(cifar_dir, lite0_weights, tmp_path_factory) -> Path:
+    """Level 1, then Level 2 with its ablation (2 epochs per arm, then a 3-epoch main run: the chosen arm is
+    trained again), into one output folder, at 64 px on 200 / 100 / 100 images. Each level's stdout is kept
+    beside its metrics.json, as stdout.txt."""
+    out = tmp_path_factory.mktemp("level2")
+    where = ["--weights", str(lite0_weights), "--data-dir", str(cifar_dir), "--out-dir", str(out)]
+    for level, flags in [(1, LEVEL1_FLAGS), (2, LEVEL2_FLAGS)]:
+        result = run_cli("run.py", "level", str(level), *flags, *where, timeout=900)
+        assert result.returncode == 0, result.stdout + result.stderr
+        (out / f"level{level}" / "stdout.txt").write_text(result.stdout)
+    return out
+
+
+@pytest.fixture(scope="session")
+def level3_outputs(cifar_dir, lite0_weights, tmp_path_factory) -> Path:
+    """Level 2 (one epoch, no ablation: what Level 3's findings compare with), then Level 3 for 2 epochs, into
+    one output folder, at 64 px (a 2 x 2 final feature map, so that Grad-CAM has positions to weigh)."""
+    out = tmp_path_factory.mktemp("level3")
+    where = ["--weights", str(lite0_weights), "--data-dir", str(cifar_dir), "--out-dir", str(out)]
+    for level, extra in [(2, ["--no-ablation", "--epochs", "1"]), (3, [])]:
+        result = run_cli("run.py", "level", str(level), *LEVEL3_FLAGS, *extra, *where, timeout=900)
+        assert result.returncode == 0, result.stdout + result.stderr
+    return out

@@ -51,8 +51,11 @@ def test_each_recipe_has_its_throughput_overhead_flops_and_memory(bench):
         assert r["pipeline_seconds_per_batch"] > 0 and 0 < r["pipeline_share_estimate"] < 1
         assert 0 < r["trainable_parameters"] <= r["total_parameters"]
         assert r["train_flops_per_image"] > 0
-        # on a CPU: no device memory and no peak figure, said so rather than invented
-        assert r["peak_device_memory_bytes"] is None and r["fraction_of_peak"] is None
+        if torch.cuda.is_available():  # --device auto: the GPU, whose memory is measured
+            assert r["peak_device_memory_bytes"] > 0
+            assert r["fraction_of_peak"] is None or 0 < r["fraction_of_peak"] < 1
+        else:  # on a CPU: no device memory and no peak figure, said so rather than invented
+            assert r["peak_device_memory_bytes"] is None and r["fraction_of_peak"] is None
         assert r["peak_host_memory_bytes"] > report["host"]["data_bytes"]
     by_level = {r["level"]: r for r in report["recipes"]}
     if 4 in by_level:  # training every layer costs a backward pass through the backbone: about 3x a forward
@@ -78,9 +81,10 @@ def test_host_memory_and_targets(bench):
     assert host["data_bytes"] == 60_000 * 3 * 32 * 32 + 60_000 * 8  # uint8 images and int64 labels
     assert host["peak_bytes"] >= host["data_load_peak_increase_bytes"] > 0
     targets = {t["target"]: t for t in report["targets"]}
-    for r in report["recipes"]:
-        assert targets[f"{r['name']}: pipeline_overhead ≤ 0.10"]["met"] in (True, False)
-    assert any("16 GB" in name and t["met"] is None for name, t in targets.items())  # no GPU here: not measured
+    for r in report["recipes"]:  # each verdict follows its own measurement
+        assert targets[f"{r['name']}: pipeline_overhead ≤ 0.10"]["met"] is (r["pipeline_overhead"] <= 0.10)
+    # measured only by a GPU run at 224 px (here: 32 px, on any host): said so, not guessed
+    assert any("16 GB" in name and t["met"] is None for name, t in targets.items())
 
 
 def test_bench_table_is_linked_from_the_summary(bench):

@@ -10,14 +10,13 @@ each bar, and each non-accuracy item in its met and unmet state. summary.md is r
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from common.summary import ACCURACY_BARS, render_summary
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, status_row
 
 ENV = {"COLUMNS": "250"}  # rich tables on one line per row, for parsing
 
@@ -88,21 +87,6 @@ def test_the_accuracy_item_is_ticked_at_and_above_the_bar_and_crossed_just_under
     assert mark == EXPECTED[position] and "smoke run on 1000 test images" in evidence
 
 
-def status_rows(text: str) -> dict[int, str]:
-    """Each level's row of the status table, its cells' wrapped lines joined."""
-    rows, current = {}, None
-    for line in text.splitlines():
-        match = re.match(r"│ (\d) ", line)
-        if match:
-            current = int(match.group(1))
-            rows[current] = line
-        elif current is not None and line.startswith("│"):
-            rows[current] += " " + line
-        else:
-            current = None
-    return rows
-
-
 @pytest.mark.parametrize("position", POSITIONS)
 def test_status_says_met_at_and_above_the_bar_and_not_met_just_under(tmp_path, position):
     """`python run.py` alone (the status of ./outputs), as a user types it, in a folder holding four records."""
@@ -110,12 +94,11 @@ def test_status_says_met_at_and_above_the_bar_and_not_met_just_under(tmp_path, p
     result = run_cli(str(ROOT / "run.py"), cwd=tmp_path, env=ENV, timeout=60)
     text = result.stdout + result.stderr
     assert result.returncode == 0 and "CIFAR-10 in four levels — outputs" in text, text
-    rows = status_rows(text)
     for level, bar in ACCURACY_BARS.items():
-        acc = accuracy(level, position)
-        assert f"{acc:.2%}" in rows[level], rows[level]
+        acc, row = accuracy(level, position), status_row(text, level)
+        assert f"{acc:.2%}" in row, row
         verdict = f"met (≥ {bar:.0%})" if position != "under" else f"not met (< {bar:.0%})"
-        assert verdict in rows[level] and ("not met" in rows[level]) == (position == "under"), rows[level]
+        assert verdict in row and ("not met" in row) == (position == "under"), row
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, kill_when, nth_line, run_cli, untimed
 
 SMOKE = ["--quick", "--model", "efficientnet_lite0", "--img-size", "64", "--epochs", "5"]
 
@@ -45,7 +45,9 @@ def test_metrics_json_keeps_the_contract(pretrained_vs_random):
     assert (m["train_size"], m["val_size"], m["test_size"]) == (2000, 500, 1000)
     assert len(m["history"]) == 5 and m["config"]["epochs"] == 5 and m["config"]["img_size"] == 64
     assert m["config"]["model"] == "efficientnet_lite0" and m["config"]["lr"] == 1e-3
-    assert m["environment"]["torch"] == torch.__version__ and m["environment"]["device"].startswith("CPU")
+    cuda = torch.cuda.is_available()  # --device auto: the GPU where there is one
+    assert m["environment"]["torch"] == torch.__version__ and m["environment"]["device_type"] == ("cuda" if cuda else "cpu")
+    assert m["environment"]["device"].startswith("CPU") is not cuda
     assert m["trainable_parameters"] == m["head_parameters"] == 1280 * 10 + 10
     png = out / m["figures"]["curves"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -162,26 +164,15 @@ def test_ctrl_c_writes_what_was_measured_as_interrupted(cifar_dir, lite0_weights
     assert "interrupted" in (tmp_path / "summary.md").read_text()
 
 
-def _untimed(history):
-    return [{k: v for k, v in h.items() if k not in ("seconds", "images_per_second")} for h in history]
-
-
 def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(cifar_dir, lite0_weights, tmp_path):
     """A run killed outright (SIGKILL: no handler runs) mid-epoch shows as interrupted, and --resume finishes it
-    with the same history and test accuracy, to the bit, as a run that was never stopped."""
-    flags = ["levels/level1_baseline.py", "--quick", "--model", "efficientnet_lite0", "--weights", str(lite0_weights),
-             "--no-cache-features", "--epochs", "4", "--train-size", "320", "--val-size", "100", "--test-size", "100",
-             "--batch-size", "16", "--data-dir", str(cifar_dir)]
+    from its last saved epoch with the same history and test accuracy, to the bit, as a run never stopped."""
+    flags = ["levels/level1_baseline.py", "--quick", "--device", "cpu", "--model", "efficientnet_lite0", "--weights",
+             str(lite0_weights), "--no-cache-features", "--epochs", "4", "--train-size", "320", "--val-size", "100",
+             "--test-size", "100", "--batch-size", "16", "--data-dir", str(cifar_dir)]
     straight = run_cli(*flags, "--out-dir", str(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stdout + straight.stderr
-    proc = subprocess.Popen([sys.executable, *flags, "--out-dir", str(tmp_path / "killed")], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    for line in proc.stdout:
-        if line.startswith("epoch 2/4"):  # printed after epoch 2 is saved: the kill lands in epoch 3
-            break
-    proc.send_signal(signal.SIGKILL)  # at once: a fixed sleep here let a fast idle CPU finish epoch 3 first
-    proc.wait(timeout=60)
+    kill_when([*flags, "--out-dir", str(tmp_path / "killed")], nth_line("epoch 2/4"))  # killed in epoch 3
     killed = json.loads((tmp_path / "killed" / "level1" / "metrics.json").read_text())
     assert killed["status"] == "running" and len(killed["history"]) == 2  # what the killed process left
     summary = run_cli("run.py", "summary", "--out-dir", str(tmp_path / "killed"), timeout=60)
@@ -194,7 +185,9 @@ def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(cifar_dir,
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     a = json.loads((tmp_path / "straight" / "level1" / "metrics.json").read_text())
     b = json.loads((tmp_path / "killed" / "level1" / "metrics.json").read_text())
-    assert b["status"] == "complete" and _untimed(a["history"]) == _untimed(b["history"])
+    assert b["status"] == "complete" and untimed(a["history"]) == untimed(b["history"])
+    # epochs 1 and 2 were not trained again: their records are the killed process's, timings included
+    assert b["history"][:2] == killed["history"]
     # the time: the killed process's (up to its last saved epoch) plus the resumed one's
     assert b["resumed_after_seconds"] == killed["total_seconds"] > 0 and b["total_seconds"] > killed["total_seconds"]
     assert a["test_accuracy"] == b["test_accuracy"] and a["best_epoch"] == b["best_epoch"]
@@ -207,7 +200,7 @@ def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(cifar_dir,
     (["--train-size", "0"], "--train-size 0"), (["--train-size", "-5"], "--train-size -5"),
     (["--train-size", "40001"], "at most the 40,000"), (["--epochs", "0"], "--epochs must be at least 1"),
     (["--batch-size", "0"], "--batch-size must be at least 1"), (["--profile", "gpu"], "unknown --profile 'gpu'"),
-    (["--precision", "fp16"], "needs a CUDA GPU"), (["--model", "resnet5O"], "Closest timm names: resnet50"),
+    (["--device", "cpu", "--precision", "fp16"], "needs a CUDA GPU"),  # on any host: fp16 is for a GPU (["--model", "resnet5O"], "Closest timm names: resnet50"),
     (["--img-size", "2"], "--img-size 2 is too small"),
 ])
 def test_bad_input_gets_a_message_exit_2_and_overwrites_nothing(cifar_dir, lite0_weights, tmp_path, flags, message):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -11,9 +13,8 @@ import torchvision.transforms.v2.functional as TF
 
 import common.augment
 from common.augment import adjust_colors, color_jitter
-from conftest import run_cli
 from common.finetuning import crop_flip_jitter, train
-from common.stats import difference
+from conftest import LEVEL2_FLAGS, kill_when, nth_line, run_cli, untimed
 from levels.level2_intermediate import ARMS, Arm, Hyperparameters, build_model
 
 # ----------------------------------------------------------------------------------------------------------
@@ -112,80 +113,98 @@ def test_the_ablation_keeps_the_recipe_unless_another_arm_is_better_beyond_noise
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The level, through the runner
-
-BUDGET = ["--quick", "--model", "efficientnet_lite0", "--img-size", "64", "--train-size", "1000", "--val-size", "500",
-          "--test-size", "500", "--lr", "1e-3", "--epochs", "2"]
+# The level, through the runner (conftest.level2_outputs: Level 1, then Level 2 with its ablation, at 32 px)
 
 
-@pytest.fixture(scope="module")
-def level2_run(cifar_dir, lite0_weights, tmp_path_factory):
-    """Level 1, then Level 2 with its ablation, into one output folder (so Level 2 can compare with Level 1)."""
-    out = tmp_path_factory.mktemp("level2")
-    common = [*BUDGET, "--weights", str(lite0_weights), "--data-dir", str(cifar_dir), "--out-dir", str(out)]
-    level1 = run_cli("run.py", "level", "1", *common)
-    assert level1.returncode == 0, level1.stdout + level1.stderr
-    result = run_cli("run.py", "level", "2", *common, "--ablation-epochs", "2")
-    assert result.returncode == 0, result.stdout + result.stderr
-    return json.loads((out / "level2" / "metrics.json").read_text()), out, result.stdout
+def metrics(out: Path, level: int = 2) -> dict:
+    return json.loads((out / f"level{level}" / "metrics.json").read_text())
 
 
-def test_resume_with_a_main_run_longer_than_the_arms_keeps_their_checkpoints_apart(cifar_dir, lite0_weights, tmp_path):
-    """--ablation-epochs below --epochs: the chosen arm is trained again for the main run. Its checkpoint must
-    not be the arm's (a full-data run once stopped here: "the checkpoint comes from a different run")."""
-    result = run_cli("run.py", "level", "2", "--quick", "--model", "efficientnet_lite0", "--img-size", "32",
-                     "--train-size", "200", "--val-size", "100", "--test-size", "100", "--epochs", "2",
-                     "--ablation-epochs", "1", "--weights", str(lite0_weights), "--data-dir", str(cifar_dir),
-                     "--out-dir", str(tmp_path), "--resume")
-    assert result.returncode == 0, result.stdout + result.stderr
-    m = json.loads((tmp_path / "level2" / "metrics.json").read_text())
-    assert m["status"] == "complete" and m["configuration"]["reused_ablation_arm"] is False
-    assert [h["epoch"] for h in m["history"]] == [1, 2] and not (tmp_path / "level2" / "checkpoints").exists()
-
-
-def test_the_ablation_runs_its_four_arms_on_one_budget(level2_run):
-    m, out, stdout = level2_run
+def test_the_ablation_runs_its_four_arms_on_one_budget_then_trains_the_chosen_one(level2_outputs):
+    m, out = metrics(level2_outputs), level2_outputs
     assert m["status"] == "complete" and m["quick"] is True
     arms = m["ablation"]["arms"]
     assert [(a["augment"], a["fine_tune"]) for a in arms] == [(a.augment, a.fine_tune) for a in ARMS]
-    assert all(len(a["history"]) == 2 and 0.1 < a["val_accuracy"] <= 1 for a in arms)
-    assert sum(line.startswith("epoch ") for line in stdout.splitlines()) == 8  # 4 arms x 2 epochs, no retraining
+    assert all(len(a["history"]) == 2 and 0 < a["val_accuracy"] <= 1 for a in arms)
     head, tuned = (next(a for a in arms if not a["augment"] and a["fine_tune"] is ft) for ft in (False, True))
     assert tuned["trainable_parameters"] > 50 * head["trainable_parameters"]
-    # the chosen arm is the main run (same budget): its history, test set used once
-    chosen = next(a for a in arms if a["name"] == m["ablation"]["chosen"])
-    assert m["history"] == chosen["history"] and m["val_accuracy"] == chosen["val_accuracy"]
-    assert m["test_evaluations"] == 1 and 0.1 < m["test_accuracy"] <= 1
-    for key in ("curves", "ablation"):
+    # --ablation-epochs 2 < --epochs 3: the chosen arm is trained again, for 3 epochs, as the main run
+    stdout = (out / "level2" / "stdout.txt").read_text().splitlines()
+    assert sum(line.startswith(("epoch 1/2", "epoch 2/2")) for line in stdout) == 8  # 4 arms x 2 epochs
+    assert [line[:9] for line in stdout if line.startswith("epoch ") and "/3 " in line] == \
+        ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    assert m["configuration"]["name"] == m["ablation"]["chosen"] and m["configuration"]["reused_ablation_arm"] is False
+    assert [h["epoch"] for h in m["history"]] == [1, 2, 3] and 1 <= m["best_epoch"] <= 3
+    assert m["val_accuracy"] == max(h["val_accuracy"] for h in m["history"])
+    assert m["test_evaluations"] == 1 and 0 < m["test_accuracy"] <= 1
+    for key in ("curves", "ablation", "augmentation"):
         assert (out / m["figures"][key]).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_fine_tuning_the_last_stage_beats_the_head_alone_on_the_same_budget(level2_run):
-    arms = {(a["augment"], a["fine_tune"]): a["val_accuracy"] for a in level2_run[0]["ablation"]["arms"]}
-    # measured here: about 49% against 45% without augmentation (500 validation images)
-    assert arms[(False, True)] > arms[(False, False)]
-    assert arms[(True, True)] + arms[(False, True)] > arms[(True, False)] + arms[(False, False)]
+def by_hand(new: float, old: float, n_new: int, n_old: int) -> str:
+    """The difference of two accuracies as the analysis must word it, computed here: points, and one standard
+    error of the difference, sqrt(p(1 - p) / n + q(1 - q) / m); beyond noise past two of them."""
+    points = 100 * (new - old)
+    se = 100 * math.sqrt(new * (1 - new) / n_new + old * (1 - old) / n_old)
+    return f"{points:+.2f} points ({'beyond' if abs(points) > 2 * se else 'within'} noise; one standard error of " \
+           f"the difference: {se:.2f})"
 
 
-def test_the_improvement_analysis_is_written_from_the_numbers(level2_run):
-    m, out, _ = level2_run
+def test_the_improvement_analysis_is_written_from_the_numbers(level2_outputs):
+    m, level1 = metrics(level2_outputs), metrics(level2_outputs, 1)
     arms = {(a["augment"], a["fine_tune"]): a["val_accuracy"] for a in m["ablation"]["arms"]}
-    text = m["improvement_analysis"]
-    fine_tuning = difference(arms[(False, True)], arms[(False, False)], m["val_size"], m["val_size"])
-    assert f"{fine_tuning['points']:+.2f} points" in text
-    level1 = json.loads((out / "level1" / "metrics.json").read_text())
-    gain = difference(m["test_accuracy"], level1["test_accuracy"], m["test_size"], level1["test_size"])
-    assert m["level1_comparison"]["points"] == pytest.approx(gain["points"])
-    assert f"Against Level 1 ({100 * level1['test_accuracy']:.2f}%" in text and f"{gain['points']:+.2f} points" in text
+    text, n = m["improvement_analysis"], m["val_size"]
+    assert f"augmentation changed accuracy by {by_hand(arms[True, True], arms[False, True], n, n)} with" in text
+    assert f"and by {by_hand(arms[True, False], arms[False, False], n, n)} with the head alone" in text
+    assert f"changed it by {by_hand(arms[True, True], arms[True, False], n, n)} with augmentation" in text
+    assert f"Both together, against the head alone without augmentation: " \
+           f"{by_hand(arms[True, True], arms[False, False], n, n)}." in text
+    gain = by_hand(m["test_accuracy"], level1["test_accuracy"], m["test_size"], level1["test_size"])
+    assert f"Against Level 1 ({100 * level1['test_accuracy']:.2f}% on {level1['test_size']:,} test images): " \
+           f"{gain}." in text
+    assert m["level1_comparison"]["points"] == pytest.approx(100 * (m["test_accuracy"] - level1["test_accuracy"]))
 
-    summary = (out / "summary.md").read_text()
+    summary = (level2_outputs / "summary.md").read_text()
     assert "### Ablation study (validation accuracy)" in summary and "### Improvement analysis" in summary
     assert summary.count("| no augmentation, head only |") == 1 and "![ablation](level2/ablation.png)" in summary
     rows = {line.split(" | ")[1]: line for line in summary.splitlines() if line.startswith("| 2 | ")}
     assert "✅" in rows["Ablation table: augmentation × fine-tuning, on validation"]
     assert "✅" in rows["Improvement analysis present"]
-    assert "❌" in rows["Test accuracy ≥ 90%"] and "smoke run" in rows["Test accuracy ≥ 90%"]
-    augmented = m["configuration"]["augment"]
     augmentation_row = rows["Augmentation pipeline in use (flip, 4-pixel crop, colour jitter; per image)"]
-    assert ("✅" if augmented else "❌") in augmentation_row
+    assert ("✅" if m["configuration"]["augment"] else "❌") in augmentation_row
     assert "not judged" in rows["The improvement analysis's conclusions hold up"]
+
+
+def test_sigkill_in_the_ablation_and_in_the_main_run_then_resume_ends_like_a_straight_run(level2_outputs, cifar_dir,
+                                                                                          lite0_weights, tmp_path):
+    """Killed outright in the third arm's second epoch; resumed and killed again in the main run's second epoch;
+    resumed to the end: every arm, the main run, the test accuracy and the saved weights are those of the run
+    that was never stopped (conftest.level2_outputs, the same flags), and nothing saved was trained again."""
+    flags = ["run.py", "level", "2", *LEVEL2_FLAGS, "--weights", str(lite0_weights), "--data-dir", str(cifar_dir),
+             "--out-dir", str(tmp_path)]
+    kill_when(flags, nth_line("epoch 1/2", 3))  # the third arm's first epoch is saved: killed in its second
+    first = metrics(tmp_path)
+    assert first["status"] == "running" and [len(a["history"]) for a in first["ablation"]["arms"]] == [2, 2, 1]
+    kill_when([*flags, "--resume"], nth_line("epoch 1/3"))  # the main run's first epoch is saved
+    second = metrics(tmp_path)
+    assert [len(a["history"]) for a in second["ablation"]["arms"]] == [2, 2, 2, 2] and len(second["history"]) == 1
+    # what the first process saved came back as it was, timings included: an epoch trained again takes its own time
+    assert second["ablation"]["arms"][:2] == first["ablation"]["arms"][:2]
+    assert second["ablation"]["arms"][2]["history"][0] == first["ablation"]["arms"][2]["history"][0]
+
+    resumed = run_cli(*flags, "--resume", timeout=900)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    final, straight = metrics(tmp_path), metrics(level2_outputs)
+    assert final["status"] == "complete" and final["history"][0] == second["history"][0]
+    assert final["ablation"]["arms"] == second["ablation"]["arms"]
+    assert [untimed(a["history"]) for a in final["ablation"]["arms"]] == \
+        [untimed(a["history"]) for a in straight["ablation"]["arms"]]
+    assert final["ablation"]["chosen"] == straight["ablation"]["chosen"]
+    assert untimed(final["history"]) == untimed(straight["history"])
+    for key in ("best_epoch", "val_accuracy", "test_accuracy", "test_loss"):
+        assert final[key] == straight[key], key
+    a, b = (torch.load(out / "level2" / "model.pt", weights_only=True)["state_dict"] for out in (level2_outputs, tmp_path))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the time: each killed process's, up to its last saved epoch, carried over
+    assert final["resumed_after_seconds"] == second["total_seconds"] > first["total_seconds"] > 0
+    assert not (tmp_path / "level2" / "checkpoints").exists()

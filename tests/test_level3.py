@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from conftest import run_cli
+from conftest import LEVEL3_FLAGS, kill_when, nth_line, run_cli, status_row, untimed
 from levels.level3_advanced import SqueezeExcitation, build_se_model, count_se_blocks
 
 # ----------------------------------------------------------------------------------------------------------
@@ -85,26 +87,21 @@ def test_se_model_reports_bad_weights_like_every_level(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The level, through the runner, after Level 2 in the same output folder
+# The level, through the runner, after Level 2 in the same output folder (conftest.level3_outputs)
 
-BUDGET = ["--quick", "--model", "efficientnet_lite0", "--img-size", "64", "--train-size", "1000", "--val-size", "500",
-          "--test-size", "500", "--lr", "1e-3"]  # --quick: one epoch
+
+def metrics(out: Path, level: int = 3) -> dict:
+    return json.loads((out / f"level{level}" / "metrics.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def level3_run(cifar_dir, lite0_weights, tmp_path_factory):
-    out = tmp_path_factory.mktemp("level3")
-    common = [*BUDGET, "--weights", str(lite0_weights), "--data-dir", str(cifar_dir), "--out-dir", str(out)]
-    level2 = run_cli("run.py", "level", "2", *common, "--no-ablation")
-    assert level2.returncode == 0, level2.stdout + level2.stderr
-    result = run_cli("levels/level3_advanced.py", *common)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return json.loads((out / "level3" / "metrics.json").read_text()), out
+def level3_run(level3_outputs):
+    return metrics(level3_outputs), level3_outputs
 
 
 def test_level3_trains_the_se_block_with_the_last_stage_and_head(level3_run):
     m, out = level3_run
-    assert m["status"] == "complete" and m["test_evaluations"] == 1 and len(m["history"]) == 1
+    assert m["status"] == "complete" and m["test_evaluations"] == 1 and len(m["history"]) == 2
     assert m["se_blocks"] == 1 and m["se_trained"] is True
     assert m["se_parameters"] == 2 * 1280 * (1280 // 16) + 1280 // 16 + 1280
     assert m["trainable_parameters"] == m["last_stage_parameters"] + m["se_parameters"] + m["head_parameters"]
@@ -154,11 +151,13 @@ def test_findings_name_the_classes_the_numbers_point_to(level3_run):
     assert max(f1, key=f1.get) in findings and min(f1, key=f1.get) in findings
     assert "cat↔dog" in findings  # the original assessment's expectation is checked, whatever the answer
     level2 = json.loads((out / "level2" / "metrics.json").read_text())
-    assert f"Against Level 2 ({100 * level2['test_accuracy']:.2f}% on 500 test images)" in findings
-    # the verdict the numbers call for: more than two standard errors of the difference or not
-    d = m["findings"]["level2_comparison"]
-    verdict = "beyond noise" if abs(d["points"]) > 2 * d["standard_error_points"] else "within noise"
-    assert f"{d['points']:+.2f} points ({verdict}" in findings
+    assert f"Against Level 2 ({100 * level2['test_accuracy']:.2f}% on {level2['test_size']} test images)" in findings
+    # the change and the verdict the numbers call for, computed here: more than two standard errors or not
+    p, q = m["test_accuracy"], level2["test_accuracy"]
+    points = 100 * (p - q)
+    se = 100 * math.sqrt(p * (1 - p) / m["test_size"] + q * (1 - q) / level2["test_size"])
+    verdict = "beyond noise" if abs(points) > 2 * se else "within noise"
+    assert f"{points:+.2f} points ({verdict}; one standard error of the difference: {se:.2f})" in findings
 
     rows = {line.split(" | ")[1]: line for line in summary.splitlines() if line.startswith("| 3 | ")}
     for item in ["Custom architecture: SE block present in the trained model",
@@ -169,3 +168,31 @@ def test_findings_name_the_classes_the_numbers_point_to(level3_run):
     assert "❌" in rows["Test accuracy ≥ 91%"] and "⏳ not run" not in summary.split("| 2 | Test accuracy")[1][:80]
     assert "## Level 2: Augmentation and fine-tuning" in summary
     assert "![confusion_matrix](level3/confusion_matrix.png)" in summary
+
+
+def test_sigkill_mid_epoch_then_resume_ends_like_a_straight_run(level3_outputs, cifar_dir, lite0_weights, tmp_path):
+    """Killed outright in epoch 2, shown as interrupted, then --resume: epoch 1 is not trained again, and the
+    history, test accuracy, test logits and saved weights are those of the run never stopped (the same flags)."""
+    flags = ["run.py", "level", "3", *LEVEL3_FLAGS, "--weights", str(lite0_weights), "--data-dir", str(cifar_dir),
+             "--out-dir", str(tmp_path)]
+    kill_when(flags, nth_line("epoch 1/2"))
+    killed = metrics(tmp_path)
+    assert killed["status"] == "running" and len(killed["history"]) == 1
+    status = status_row(run_cli("run.py", "status", "--out-dir", str(tmp_path), env={"COLUMNS": "250"},
+                                timeout=60).stdout, 3)
+    assert "interrupted after 1 of 2 epoch(s) (killed: its process is gone)" in status and "--resume" in status
+
+    resumed = run_cli(*flags, "--resume", timeout=900)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    final, straight = metrics(tmp_path), metrics(level3_outputs)
+    assert final["status"] == "complete" and final["history"][0] == killed["history"][0]  # timings included
+    assert untimed(final["history"]) == untimed(straight["history"])
+    for key in ("best_epoch", "val_accuracy", "test_accuracy", "test_loss", "confusion_matrix"):
+        assert final[key] == straight[key], key
+    with np.load(tmp_path / "level3" / "test_predictions.npz") as b, \
+            np.load(level3_outputs / "level3" / "test_predictions.npz") as a:
+        assert np.array_equal(a["logits"], b["logits"])
+    a, b = (torch.load(out / "level3" / "model.pt", weights_only=True)["state_dict"] for out in (level3_outputs, tmp_path))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert final["resumed_after_seconds"] == killed["total_seconds"] > 0
+    assert not (tmp_path / "level3" / "checkpoints").exists()

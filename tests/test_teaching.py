@@ -2,9 +2,10 @@
 models (Level 2's augmentation grid; Level 3's top losses, SE gates and Grad-CAM), checked against the runs'
 own numbers.
 
-One Level 3 smoke run (through run.py, as a user runs it) and one Level 2 smoke run (in this process, with
-spies on its augmentation function) serve every test of the module. The runs use one CPU thread
-(OMP_NUM_THREADS=1): on a 2-core machine shared with other jobs, two spinning threads are many times slower.
+One Level 3 smoke run (conftest.level3_outputs, through run.py as a user runs it, on the CPU) and one Level 2
+smoke run (in this process, with spies on its augmentation function) serve every test of the module. The
+commands run here use one CPU thread (OMP_NUM_THREADS=1): on a 2-core machine shared with other jobs, two
+spinning threads are many times slower.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import run_cli
+from conftest import status_row as row
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "COLUMNS": "250"}  # COLUMNS: rich tables on one line each, for parsing
 BUDGET = ["--quick", "--model", "efficientnet_lite0", "--train-size", "400", "--val-size", "200", "--test-size", "200"]
@@ -45,13 +47,11 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def level3(cifar_dir, lite0_weights, tmp_path_factory):
-    """A Level 3 smoke run at 64 px (a 2 x 2 final feature map, so that Grad-CAM has positions to weigh)."""
-    out = tmp_path_factory.mktemp("teaching")
-    result = run_cli("run.py", "level", "3", *BUDGET, "--img-size", "64", "--weights", str(lite0_weights),
-                     "--data-dir", str(cifar_dir), "--out-dir", str(out), env=ONE_THREAD)
-    assert result.returncode == 0, output(result)
+def level3(level3_outputs):
+    """The Level 3 smoke run of conftest.level3_outputs (64 px: a 2 x 2 final feature map for Grad-CAM)."""
+    out = level3_outputs
     metrics = json.loads((out / "level3" / "metrics.json").read_text())
+    assert metrics["test_size"] == TEST_SIZE
     stored = np.load(out / "level3" / "test_predictions.npz")
     return dict(out=out, metrics=metrics, logits=torch.from_numpy(stored["logits"]),
                 labels=torch.from_numpy(stored["labels"]))
@@ -107,8 +107,9 @@ def test_predict_a_test_image_and_the_same_image_as_a_png_give_the_levels_own_te
     Image.fromarray(test.images[k].permute(1, 2, 0).numpy()).save(png)
     big = tmp_path / f"test{k}_wide.jpg"  # any size and shape: 400 x 300, shrunk to 32 x 32
     Image.fromarray(test.images[k].permute(1, 2, 0).numpy()).resize((400, 300)).save(big)
+    # --device cpu: the run's logits were computed on the CPU, and a GPU's kernels differ in the last digits
     result = run_cli("run.py", "predict", "--test-index", str(k), str(png), str(big), "--out-dir",
-                     str(level3["out"]), "--data-dir", str(cifar_dir), env=ONE_THREAD)
+                     str(level3["out"]), "--data-dir", str(cifar_dir), "--device", "cpu", env=ONE_THREAD)
     text = output(result)
     assert result.returncode == 0, text
     assert "Level 3:" in text and f"test image {k}" in text and f"true class: {CLASSES[test.labels[k]]}" in text
@@ -321,8 +322,9 @@ def level2_spied(cifar_dir, lite0_weights, tmp_path_factory):
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(level2, "crop_flip_jitter", augment_spy)
             patch.setattr(level2, "plot_augmentation", plot_spy)
-            code = level2.main([*BUDGET, "--img-size", "32", "--no-ablation", "--brightness", "0.35", "--weights",
-                                str(lite0_weights), "--data-dir", str(cifar_dir), "--out-dir", str(out)])
+            code = level2.main([*BUDGET, "--device", "cpu", "--img-size", "32", "--no-ablation", "--brightness",
+                                "0.35", "--weights", str(lite0_weights), "--data-dir", str(cifar_dir),
+                                "--out-dir", str(out)])
     finally:
         torch.set_num_threads(threads)
     assert code == 0
@@ -357,19 +359,6 @@ def test_augmentation_grid_is_drawn_by_the_runs_own_augmentation_function(level2
 
 # ----------------------------------------------------------------------------------------------------------
 # run.py status, and `run.py all` saying where it is
-
-
-def row(text: str, level: int) -> str:
-    """A level's row of the status table, each cell's wrapped lines joined: "cell | cell | ..."."""
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if re.match(rf"│ {level} ", line))
-    rows = [lines[start]]
-    for line in lines[start + 1:]:
-        if not line.startswith("│") or re.match(r"│ \d ", line):
-            break
-        rows.append(line)
-    columns = zip(*(line.strip("│").split("│") for line in rows))
-    return " | ".join(" ".join(part.strip() for part in cell if part.strip()) for cell in columns)
 
 
 def test_status_shows_each_levels_state_and_what_to_run_next(level3, tmp_path):
