@@ -380,7 +380,8 @@ def bench_recipe(recipe: Recipe, data: dict, device, precision_flag: str, steps:
     model = recipe.build().to(device, memory_format=torch.channels_last)
     precision = select_precision(device, precision_flag, model)  # what the level itself would choose
     row = dict(level=recipe.level, name=recipe.name, model=recipe.model, img_size=recipe.img_size, compile_default=False,
-               batch_size=recipe.batch_size, trainable=recipe.trainable, augmentation=recipe.augmentation,
+               batch_size=recipe.batch_size, eval_batch_size=recipe.eval_batch_size, trainable=recipe.trainable,
+               augmentation=recipe.augmentation,
                precision=precision.record(),
                trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
                total_parameters=sum(p.numel() for p in model.parameters()))
@@ -407,6 +408,12 @@ def bench_recipe(recipe: Recipe, data: dict, device, precision_flag: str, steps:
             saved = epoch_images / eager - epoch_images / row["speeds"][key] if eager else None
             row.setdefault("compile_payback", {})[key] = dict(compile_seconds=seconds, epoch_seconds_saved=saved,
                                                               paid_back_in_one_epoch=bool(saved and saved > seconds))
+        # Inference batch size: on a CPU a batch of 256 images at 128-224 px spills out of the caches, so the CPU
+        # profile evaluates in small batches. Measured here against 256 (the GPU recipes' batch), on 256 images.
+        sizes = sorted({recipe.eval_batch_size, 256})
+        row["eval_batch_speeds"] = {str(size): measure_evaluation(dataclasses.replace(recipe, eval_batch_size=size),
+                                                                  model, data, device, precision, 256, repeats)
+                                    for size in sizes}
     elif device.type == "cpu" and cpu_has_fast_bf16():
         row["cpu_precisions"] = compare_cpu_precisions(recipe, model, data, device, steps, repeats)
     row["compiled"] = None
@@ -655,6 +662,16 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {r['name']} | {r['model']} @ {r['img_size']} px, batch {r['batch_size']} | "
                          + " | ".join(cell(r, k) for k in SPEED_KEYS)
                          + f" | {payback} | {r['achieved_flops_per_second'] / 1e12:.3f}{frac} | {r['chosen']} |")
+        sizes = sorted({int(b) for r in four_way for b in r.get("eval_batch_speeds", {})})
+        if sizes:
+            lines += ["", "Inference images per second (validation, test, Level 1's feature pass) by batch size, on "
+                      "256 validation images; **levels use** the recipe's own batch.", "",
+                      "| recipe | " + " | ".join(f"batch {b}" for b in sizes) + " | levels use |",
+                      "|---|" + "---|" * (len(sizes) + 1)]
+            for r in four_way:
+                speeds = r.get("eval_batch_speeds", {})
+                lines.append(f"| {r['name']} | " + " | ".join(f"{speeds[str(b)]:,.1f}" if str(b) in speeds else "—"
+                                                               for b in sizes) + f" | batch {r['eval_batch_size']} |")
         notes = {note for r in four_way for note in r["notes"].values()}
         lines += [""] + [f"- —: {note}." for note in sorted(notes)]
         lines.append(f"- Peak: {report['peak_flops_source']}.")

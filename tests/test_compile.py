@@ -51,4 +51,8 @@ def test_bench_profile_cpu_times_each_recipe_four_ways(cifar_dir, tmp_path):
     # no compiler here (CXX points at nothing): the compiled ways are not timed, and bench.md says why
     assert row["speeds"]["compiled-fp32"] is None and "torch.compile does not work" in row["notes"]["compiled-fp32"]
     assert row["fraction_of_peak"] is not None and 0 < row["fraction_of_peak"] < 1.5
-    assert "each recipe four ways" in (tmp_path / "bench.md").read_text()
+    # inference by batch size: the recipe's own batch against the GPU recipes' 256, both measured
+    assert set(row["eval_batch_speeds"]) == {str(row["eval_batch_size"]), "256"}
+    assert all(speed > 0 for speed in row["eval_batch_speeds"].values())
+    bench_md = (tmp_path / "bench.md").read_text()
+    assert "each recipe four ways" in bench_md and "by batch size" in bench_md

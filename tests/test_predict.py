@@ -104,7 +104,9 @@ def test_predict_with_level_4_gives_the_ensembles_own_test_probabilities(level4_
                          str(level4_outputs))  # no --level: the highest complete level
     assert code == 0, text
     assert "Level 4: ensemble of efficientnet_lite0 (" in text and "efficientnet_lite0+se (" in text
-    assert "views: identity, flip" in text
+    # each member with its vote weight and its TTA views (identity and flip: 2)
+    assert re.search(r"efficientnet_lite0 \(\d\.\d\d, 2 views\)", text), text
+    assert re.search(r"efficientnet_lite0\+se \(\d\.\d\d, 2 views\)", text), text
     found = tables(text)
     assert len(found) == len(picked)
     for i, shown in zip(picked, found):
