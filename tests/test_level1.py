@@ -116,7 +116,10 @@ def test_cached_and_live_backbone_paths_train_the_same_head(cifar_dir, lite0_wei
 
 
 def test_offline_without_weights_is_a_message_naming_the_flags(cifar_dir, tmp_path):
-    result = run_cli("run.py", "level", "1", "--quick", "--data-dir", str(cifar_dir), "--out-dir", str(tmp_path))
+    # HF_HUB_OFFLINE=1: the hub fails at once with the error a machine without a network gets (LocalEntryNotFoundError,
+    # checked), instead of after its DNS lookups time out (tens of seconds here)
+    result = run_cli("run.py", "level", "1", "--quick", "--data-dir", str(cifar_dir), "--out-dir", str(tmp_path),
+                     env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr
     assert "--weights" in result.stdout and "--no-pretrained" in result.stdout
     assert not (tmp_path / "level1" / "metrics.json").exists()
