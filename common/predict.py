@@ -15,7 +15,8 @@ What a model file holds (written by common.results.LevelRun.save_model):
   kind "ensemble"  Level 4: `members`, each a "timm", "se" or "cifarnet" entry of its own; the probabilities are
                    the members' softmax averaged over their test-time views (common.augment.tta_views: identity,
                    flip, the four shifts of --tta-shifts, CifarNet's translations; a member's own `views`, else
-                   the file's `tta_views`), then combined with the members' `vote_weights`.
+                   the file's `tta_views`), each calibrated by its `vote_temperatures` entry (softmax(log p / T);
+                   none in older files), then combined with the members' `vote_weights`.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class Member:
     std: tuple
     weight: float = 1.0
     views: tuple[str, ...] = ("identity",)
+    temperature: float = 1.0  # Level 4 calibrates each member before its vote: softmax(log p / temperature)
 
 
 @dataclass
@@ -108,7 +110,7 @@ def build_cifarnet(entry: dict, num_classes: int):
 
 
 def _member(entry: dict, num_classes: int, builders: dict[str, Builder], name: str, weight: float, device,
-            views: tuple[str, ...] = ("identity",)) -> Member:
+            views: tuple[str, ...] = ("identity",), temperature: float = 1.0) -> Member:
     import torch
 
     kind = entry.get("kind")
@@ -123,7 +125,8 @@ def _member(entry: dict, num_classes: int, builders: dict[str, Builder], name: s
         raise PredictError(f"The saved weights of '{name}' do not fit {entry.get('model')} "
                            f"({str(error).strip().splitlines()[0][:200]}).") from None
     model = model.to(device, memory_format=torch.channels_last).eval()
-    return Member(name, model, int(entry["img_size"]), tuple(entry["mean"]), tuple(entry["std"]), weight, views)
+    return Member(name, model, int(entry["img_size"]), tuple(entry["mean"]), tuple(entry["std"]), weight, views,
+                  temperature)
 
 
 def load_saved_model(path: Path, builders: dict[str, Builder] | None = None, device="cpu") -> SavedModel:
@@ -148,14 +151,15 @@ def load_saved_model(path: Path, builders: dict[str, Builder] | None = None, dev
         votes = saved.get("vote_weights") or {}
         entries = saved["members"]
         raw = [float(votes.get(e["name"], 1.0)) for e in entries]
+        temperatures = saved.get("vote_temperatures") or {}  # each member's calibration (1.0: none)
         views = tuple(saved.get("tta_views") or ("identity",))
         member_views = [tuple(e.get("views") or views) for e in entries]  # a member's own views win
         known = list(tta_views(tta=True, shifts=True, translates=True))
         unknown = sorted({v for vs in member_views for v in vs if v not in known})
         if unknown:
             raise PredictError(f"'{path}' asks for test-time views {unknown}; this command knows {known}.")
-        members = [_member(e, len(classes), builders, e["name"], w / sum(raw), device, vs)
-                   for e, w, vs in zip(entries, raw, member_views)]
+        members = [_member(e, len(classes), builders, e["name"], w / sum(raw), device, vs,
+                           float(temperatures.get(e["name"], 1.0))) for e, w, vs in zip(entries, raw, member_views)]
         description = "ensemble of " + ", ".join(
             f"{m.name} ({m.weight:.2f}{f', {len(m.views)} views' if len(m.views) > 1 else ''})" for m in members)
     else:
@@ -224,7 +228,8 @@ def load_image(path: Path):
 
 def predict_probabilities(saved: SavedModel, images, precision: str = "auto"):
     """uint8 N x 3 x 32 x 32 -> N x classes probabilities (float32, CPU): each member's softmax averaged over
-    the views, then weighted by the members' weights (one member, one view: plain softmax)."""
+    the views, calibrated by its temperature, then weighted by the members' weights (one member, one view:
+    plain softmax)."""
     import torch
 
     from common.augment import tta_views
@@ -241,5 +246,7 @@ def predict_probabilities(saved: SavedModel, images, precision: str = "auto"):
             with torch.no_grad(), autocast(device, chosen):
                 logits = member.model(model_input(views[view](x), member.img_size, member.mean, member.std))
             probs = probs + logits.float().softmax(1).cpu() / len(member.views)
+        if member.temperature != 1.0:  # Level 4's calibration: softmax(log p / T), as levels/level4_expert.py
+            probs = (probs.clamp_min(1e-12).log() / member.temperature).softmax(1)
         total = member.weight * probs if total is None else total + member.weight * probs
     return total

@@ -167,8 +167,12 @@ def ensemble_comparison_table(metrics: dict) -> str:
 
 
 def ensemble_weights_table(metrics: dict) -> str:
+    """Each weighted vote's member weights, and the temperature that calibrated each member before the vote
+    (records from before calibration have none)."""
     members = list(metrics["members"])
-    rows = [[ensemble, *(f"{w[n]:.3f}" for n in members)] for ensemble, w in metrics["ensemble_weights"].items()]
+    temperatures = metrics.get("ensemble_temperatures") or {}
+    rows = [[ensemble, *(f"{w[n]:.3f}" + (f" (T {temperatures[ensemble][n]:.2f})" if ensemble in temperatures else "")
+                         for n in members)] for ensemble, w in metrics["ensemble_weights"].items()]
     return markdown_table(["ensemble", *members], rows)
 
 
@@ -317,7 +321,8 @@ def render_ensemble_report(metrics: dict, title: str) -> str:
         + "".join(f"; {n}: {', '.join(r['tta_views'])}" for n, r in metrics["members"].items()
                   if r.get("tta_views") and r["tta_views"] != metrics["tta_views"])
         + "; the probabilities of a member's views are averaged.",
-        "- **Ensembles**: soft voting (the mean of the members' probabilities) and weighted soft voting, weights "
+        "- **Ensembles**: soft voting (the mean of the members' probabilities) and weighted soft voting: each "
+        "member calibrated first by a temperature T (softmax(log p / T), fitted on validation log-loss), weights "
         + ("minimizing the validation log-loss (L-BFGS over softmax-parametrized weights)"
            if cfg["weighting"] == "logloss" else "proportional to validation accuracy")
         + ", fitted on validation predictions and labels only. The headline ensemble is fixed in advance: "

@@ -378,3 +378,37 @@ def test_paired_difference_counts_only_the_images_where_the_two_differ():
     assert d["points"] == pytest.approx(12.5)
     assert d["standard_error_points"] == pytest.approx(100 * ((3 / 8 - (1 / 8) ** 2) / 8) ** 0.5)
     assert paired_difference(member, member)["standard_error_points"] == 0  # identical answers: no noise
+
+
+def test_the_weighted_vote_calibrates_an_underconfident_member_before_weighing_it():
+    """As cifarnet beside lite0+SE in the CPU profile's full run: one member is right more often but
+    underconfident (label smoothing does that), the other is less accurate and sure of itself, their mistakes
+    independent. Weights fitted on the raw probabilities favour the confident one; after each member's
+    temperature is fitted on validation, the more accurate member weighs more and the vote beats both members."""
+    from levels.level4_expert import compare, fit_weights, temperature_scale
+
+    rng = np.random.default_rng(0)
+    n, classes = 4000, 10
+    labels = {s: rng.integers(0, classes, n) for s in ("val", "test")}
+
+    def member(accuracy: float, confidence: float) -> dict:
+        out = {}
+        for split, y in labels.items():
+            right = rng.random(n) < accuracy
+            answer = np.where(right, y, (y + rng.integers(1, classes, n)) % classes)
+            logits = rng.normal(0, 1, (n, classes))
+            logits[np.arange(n), answer] += 3
+            p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+            out[split] = {"plain": (1 - confidence) / classes + confidence * p}  # mixed with uniform: underconfident
+        return out
+
+    predictions = {"shy": member(0.90, 0.35), "sure": member(0.82, 1.0)}
+    result = compare(predictions, labels["val"], labels["test"], "logloss")
+    t, w = result["temperatures"]["weighted vote"], result["weights"]["weighted vote"]
+    assert t["shy"] < 0.8 and w["shy"] > w["sure"], (t, w)
+    raw = fit_weights([predictions[m]["val"]["plain"] for m in ("shy", "sure")], labels["val"])
+    assert raw[0] < w["shy"] - 0.1, (raw, w)  # without the calibration the accurate member counted for less
+    rows = result["rows"]
+    assert rows["weighted vote"]["test_accuracy"] > max(rows["shy"]["test_accuracy"], rows["sure"]["test_accuracy"])
+    p = predictions["shy"]["test"]["plain"]
+    assert (temperature_scale(p, t["shy"]).argmax(1) == p.argmax(1)).all()  # calibration never changes an answer

@@ -194,6 +194,19 @@ def test_predict_averages_an_ensembles_members_over_views_with_their_vote_weight
     shifted = predict_probabilities(load_saved_model(tmp_path / "shifts.pt"), images, precision="fp32")
     assert torch.allclose(shifted, expected, atol=1e-5) and not torch.allclose(shifted, member(nets[0], 32), atol=1e-3)
 
+    # calibrated members (vote_temperatures): each member's view-averaged probabilities go through Level 4's own
+    # temperature_scale before the weighted vote
+    from levels.level4_expert import temperature_scale
+
+    torch.save(dict(format=MODEL_FORMAT, level=4, classes=list(CLASSES), kind="ensemble", members=members,
+                    vote_weights=dict(a=3.0, b=1.0), vote_temperatures=dict(a=0.5, b=2.0),
+                    tta_views=["identity", "flip"]), tmp_path / "calibrated.pt")
+    with torch.no_grad():
+        a, b = member(nets[0], 32).double().numpy(), member(nets[1], 48).double().numpy()
+    calibrated = predict_probabilities(load_saved_model(tmp_path / "calibrated.pt"), images, precision="fp32").numpy()
+    assert np.allclose(calibrated, 0.75 * temperature_scale(a, 0.5) + 0.25 * temperature_scale(b, 2.0), atol=1e-5)
+    assert not np.allclose(calibrated, 0.75 * a + 0.25 * b, atol=1e-3)
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Level 3's figures
