@@ -121,15 +121,13 @@ class Hyperparameters:
 # per-image augmentation led Level 2's without it by epoch 3). Inference in batches of 16, as in Levels 1-3: on
 # the EPYC pretrained lite0 at 128 px infers 2.4x faster than in batches of 256, and cifarnet (64,128,128) runs at
 # 1320 img/s in batches of 16 against 1210 in 256 (6 s each, eager fp32).
-# Measured, one run on the 2-core AMD EPYC (fp32), the shared JPEG copy (results/cpu/level4.json): 66.1 min of
-# training, 74.5 min in all; members with TTA 88.27% (cifarnet) and 89.74% (lite0+SE), disagreeing on 12.3% of the
-# test images (the three lites: 8-9%). The equal soft vote + TTA made 90.64% (+0.90), but the chosen ensemble, the
-# log-loss-weighted vote, gave cifarnet a weight of 0.000 and made 89.75%: cifarnet is badly calibrated (test ECE
-# 20.5% against 9.0%; underconfident: mean confidence 0.68 at 88% accuracy, from airbench's label smoothing of 0.2), and a vote that minimizes log-loss
-# trusts the calibrated member only. So compare() now calibrates each member first (a temperature fitted on
-# validation). Re-run offline on that run's saved probabilities (an analysis, not a new run): temperatures 0.51
-# (cifarnet) and 0.67 (lite0+SE), weights 0.31 / 0.69, the weighted vote + TTA 90.59% validation, 90.37% test
-# (+0.63 over the best member, 4.5 paired standard errors), test log-loss 0.284 against 0.374.
+# Measured, one run on the 2-core AMD EPYC (fp32), the shared JPEG copy (results/cpu/level4.json): 68.7 min of
+# training, 77.4 min in all; members with TTA 88.27% (cifarnet) and 89.74% (lite0+SE), disagreeing on 12.3% of the
+# test images (the three lites: 8-9%). cifarnet is underconfident (mean confidence 0.68 at 88% accuracy, from
+# airbench's label smoothing of 0.2), so each member is calibrated before the vote: temperatures 0.51 (cifarnet)
+# and 0.67 (lite0+SE), weights 0.31 / 0.69, the weighted vote + TTA 90.59% validation, 90.37% test, +0.63 over the
+# best member (4.5 paired standard errors). The run before calibration (same members, same numbers) gave cifarnet
+# a weight of 0.000 and made 89.75% (docs/results-history.md).
 CPU_PROFILE = dict(models="cifarnet,efficientnet_lite0+se", model=None, img_size=128, eval_batch_size=16,
                    epochs=3, lr=1e-3, weight_decay=0.05, mixup=False, cutmix=False,
                    cifarnet_widths="64,128,128", cifarnet_epochs=10)
