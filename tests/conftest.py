@@ -131,6 +131,9 @@ LEVEL1_FLAGS = [*SMALL, "--epochs", "20", "--lr", "1e-2"]  # the head on cached 
 LEVEL2_FLAGS = [*SMALL, "--batch-size", "32", "--lr", "3e-3", "--ablation-epochs", "2", "--epochs", "3"]
 LEVEL3_FLAGS = ["--quick", "--device", "cpu", "--model", "efficientnet_lite0", "--img-size", "64", "--train-size",
                 "400", "--val-size", "200", "--test-size", "200", "--lr", "1e-3", "--epochs", "2"]
+LEVEL4_FLAGS = ["--quick", "--device", "cpu", "--models", "efficientnet_lite0,efficientnet_lite0+se", "--img-size",
+                "64", "--train-size", "200", "--val-size", "100", "--test-size", "100", "--batch-size", "32", "--lr",
+                "3e-3", "--epochs", "2", "--no-mixup", "--no-cutmix"]
 
 
 @pytest.fixture(scope="session")
@@ -157,3 +160,21 @@ def level3_outputs(cifar_dir, lite0_weights, tmp_path_factory) -> Path:
         result = run_cli("run.py", "level", str(level), *LEVEL3_FLAGS, *extra, *where, timeout=900)
         assert result.returncode == 0, result.stdout + result.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def level4_outputs(cifar_dir, lite0_weights, tmp_path_factory) -> Path:
+    """Level 4 with two pretrained members, one of them Level 3's SE network, at 64 px: predict's model and the
+    straight run that the kill-and-resume test must end like. MixUp and CutMix off: in a few steps they leave
+    every probability near 10%, and predict's numbers would then prove nothing."""
+    out = tmp_path_factory.mktemp("level4")
+    result = run_cli("run.py", "level", "4", *LEVEL4_FLAGS, *level4_where(lite0_weights, cifar_dir), "--out-dir",
+                     str(out), timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out
+
+
+def level4_where(lite0_weights: Path, cifar_dir: Path) -> list[str]:
+    """The --weights (one file for both lite0 members) and --data-dir of the level4_outputs run."""
+    return ["--weights", f"efficientnet_lite0={lite0_weights},efficientnet_lite0+se={lite0_weights}",
+            "--data-dir", str(cifar_dir)]

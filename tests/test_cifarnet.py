@@ -15,9 +15,10 @@ import torch
 
 from conftest import ROOT, run_cli
 
-# A smoke recipe: 1,000 training images, 4 epochs of 10 steps. Far from the full recipe, enough to learn.
+# A smoke recipe: 1,000 training images, 4 epochs of 10 steps, the CPU profile's widths 64,128,128 (a quarter of
+# the work of airbench94's 64,256,256, the default). Far from the full recipe, enough to learn.
 SMOKE = ["--quick", "--models", "cifarnet", "--train-size", "1000", "--val-size", "200", "--test-size", "500",
-         "--cifarnet-epochs", "4", "--cifarnet-batch-size", "100"]
+         "--cifarnet-epochs", "4", "--cifarnet-batch-size", "100", "--cifarnet-widths", "64,128,128"]
 
 
 def _untimed(history):
@@ -38,7 +39,7 @@ def test_cifarnet_learns_from_scratch_and_says_so(straight_run):
     member = m["members"]["cifarnet"]
     assert member["init"] == "random" and member["img_size"] == 32  # from scratch, at CIFAR's own size
     assert len(member["history"]) == 4
-    # chance is 10%; the smoke recipe reaches about 40% (measured: 38-50% on the JPEG copy)
+    # chance is 10%; measured on the JPEG copy: 30.8% (seed 42, the default), 36.2% (seed 1), 39.4% (seed 2)
     assert m["test_accuracy"] > 0.25, m["test_accuracy"]
     assert member["tta_views"] == ["identity", "flip", "translate -1,-1", "flip translate -1,-1", "translate +1,+1",
                                    "flip translate +1,+1"]

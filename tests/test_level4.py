@@ -5,16 +5,12 @@ device, the same numbers from the same seed, --resume."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import LEVEL4_FLAGS, kill_when, level4_where, nth_line, run_cli
 
 MEMBERS = ["resnet50+se", "efficientnet_b0", "vit_small_patch16_224"]  # the defaults
 # A ViT at 32 px sees 2 x 2 patches: it must run. Tiny subsets keep the three full fine-tunes within a minute on CPU.
@@ -264,39 +260,34 @@ def test_the_same_seed_gives_the_same_numbers(cifar_dir, tmp_path):
                                                          probs_a["efficientnet_lite0|test"])
 
 
-def test_sigkill_in_the_second_member_then_resume_ends_like_a_straight_run(cifar_dir, lite0_weights, tmp_path):
+def test_sigkill_in_the_second_member_then_resume_ends_like_a_straight_run(level4_outputs, cifar_dir, lite0_weights,
+                                                                         tmp_path):
     """Killed outright while the second member trains, then --resume: the first member is not trained again,
-    the second continues from its last finished epoch, and every number ends as in a run never stopped."""
-    weights = f"efficientnet_lite0={lite0_weights},efficientnet_lite0+se={lite0_weights}"
-    flags = ["run.py", "level", "4", "--quick", "--models", "efficientnet_lite0,efficientnet_lite0+se", "--weights",
-             weights, "--img-size", "32", "--train-size", "480", "--val-size", "100", "--test-size", "200",
-             "--batch-size", "32", "--epochs", "3", "--data-dir", str(cifar_dir)]
-    straight = run_cli(*flags, "--out-dir", str(tmp_path / "straight"), timeout=600)
-    assert straight.returncode == 0, straight.stdout + straight.stderr
-    proc = subprocess.Popen([sys.executable, *flags, "--out-dir", str(tmp_path / "killed")], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    seen = 0
-    for line in proc.stdout:
-        seen += line.startswith("epoch 2/3")
-        if seen == 2:  # the second member saved its second epoch: kill it during its third
-            break
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    killed = json.loads((tmp_path / "killed" / "level4" / "metrics.json").read_text())
-    assert killed["status"] == "running" and len(killed["members"]["efficientnet_lite0"]["history"]) == 3
+    the second continues from its last finished epoch, and every number ends as in the run never stopped
+    (conftest.level4_outputs, the same flags)."""
+    flags = ["run.py", "level", "4", *LEVEL4_FLAGS, *level4_where(lite0_weights, cifar_dir), "--out-dir",
+             str(tmp_path)]
+    kill_when(flags, nth_line("epoch 1/2", 2))  # the second member saved its first epoch: killed in its second
+    killed = json.loads((tmp_path / "level4" / "metrics.json").read_text())
+    assert killed["status"] == "running" and len(killed["members"]["efficientnet_lite0"]["history"]) == 2
+    assert len(killed["members"]["efficientnet_lite0+se"]["history"]) == 1
 
-    resumed = run_cli(*flags, "--out-dir", str(tmp_path / "killed"), "--resume", timeout=600)
+    resumed = run_cli(*flags, "--resume", timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    a = json.loads((tmp_path / "straight" / "level4" / "metrics.json").read_text())
-    b = json.loads((tmp_path / "killed" / "level4" / "metrics.json").read_text())
-    assert b["members"]["efficientnet_lite0"]["resumed_epochs"] == 3  # finished: not trained again
-    assert b["members"]["efficientnet_lite0+se"]["resumed_epochs"] >= 2
+    a = json.loads((level4_outputs / "level4" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "level4" / "metrics.json").read_text())
+    assert b["members"]["efficientnet_lite0"]["resumed_epochs"] == 2  # finished: not trained again
+    assert b["members"]["efficientnet_lite0+se"]["resumed_epochs"] == 1
+    # what the killed process saved came back as it was, timings included: an epoch trained again has its own
+    second = "efficientnet_lite0+se"
+    assert b["members"][second]["history"][0] == killed["members"][second]["history"][0]
     untimed = lambda h: [{k: v for k, v in e.items() if k not in ("seconds", "images_per_second")} for e in h]  # noqa
+    for name in ("efficientnet_lite0", "efficientnet_lite0+se"):
+        assert untimed(a["members"][name]["history"]) == untimed(b["members"][name]["history"]), name
     assert untimed(a["history"]) == untimed(b["history"]) and a["test_accuracy"] == b["test_accuracy"]
-    with np.load(tmp_path / "straight" / "level4" / "predictions.npz") as x, \
-            np.load(tmp_path / "killed" / "level4" / "predictions.npz") as y:
-        assert all(np.array_equal(x[k], y[k]) for k in x.files)
+    with np.load(level4_outputs / "level4" / "predictions.npz") as x, \
+            np.load(tmp_path / "level4" / "predictions.npz") as y:
+        assert x.files == y.files and all(np.array_equal(x[k], y[k]) for k in x.files)
 
 
 def test_a_pretrained_member_learns_well_above_chance(cifar_dir, lite0_weights, tmp_path):

@@ -1,8 +1,8 @@
 """`python run.py predict` on the model.pt of every level, and its messages for what cannot be predicted.
 
 Levels 1 and 2 (conftest.level2_outputs) keep no per-image predictions: predict classifies each of their test
-images, saved as PNG files, and its top classes must score the level's own test accuracy. Level 4's run (made
-here) keeps its test probabilities: predict must give them back, class by class. Level 3's model is checked
+images, saved as PNG files, and its top classes must score the level's own test accuracy. Level 4's run
+(conftest.level4_outputs) keeps its test probabilities: predict must give them back, class by class. Level 3's model is checked
 the same way in tests/test_teaching.py (its logits are kept).
 """
 
@@ -73,21 +73,6 @@ def test_predict_with_levels_1_and_2_scores_their_own_test_accuracy(level2_outpu
     # may fall the other way, no more
     assert abs(right - round(m["test_accuracy"] * len(labels))) <= 1, (right, m["test_accuracy"])
     assert m["test_accuracy"] >= 0.2 and len(set(top)) > 3  # a model that learned: the check has power
-
-
-@pytest.fixture(scope="module")
-def level4_outputs(cifar_dir, lite0_weights, tmp_path_factory) -> Path:
-    """Level 4 with two pretrained members, one of them Level 3's SE network, at 64 px. MixUp and CutMix off:
-    in a few steps they leave every probability near 10%, and predict's numbers would then prove nothing."""
-    out = tmp_path_factory.mktemp("level4")
-    weights = f"efficientnet_lite0={lite0_weights},efficientnet_lite0+se={lite0_weights}"
-    result = run_cli("run.py", "level", "4", "--quick", "--device", "cpu", "--models",
-                     "efficientnet_lite0,efficientnet_lite0+se", "--weights", weights, "--img-size", "64",
-                     "--train-size", "200", "--val-size", "100", "--test-size", "100", "--batch-size", "32",
-                     "--lr", "3e-3", "--epochs", "2", "--no-mixup", "--no-cutmix", "--data-dir", str(cifar_dir),
-                     "--out-dir", str(out), timeout=900)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return out
 
 
 def test_predict_with_level_4_gives_the_ensembles_own_test_probabilities(level4_outputs, cifar_dir, tmp_path):
