@@ -134,6 +134,11 @@ def _time_text(m: dict) -> str:
     return text + f"{_minutes(total)} in all"
 
 
+def _compiled_text(m: dict) -> str:
+    """", trained with --compile" when the run trained through torch.compile (metrics' `compile`), else ""."""
+    return ", trained with `--compile`" if (m.get("compile") or {}).get("used") else ""
+
+
 def _section(m: dict, heading: str) -> str:
     """The markdown of the level's section whose heading starts with `heading` ("" when there is none)."""
     return next((s.get("markdown", "") for s in m.get("sections", []) if s.get("heading", "").startswith(heading)), "")
@@ -581,7 +586,7 @@ def readme_results(cpu: dict[int, dict], gpu: dict[int, dict]) -> list[str]:
                          f"({HISTORY_PAGE}#level-{level})) | {_bar_text(level, None)} | — | — | — | {on_gpu} |")
             continue
         lines.append(f"| {number} | {TEACHES[level]} | {_accuracy_text(m, f'results/cpu/level{level}.json')} | "
-                     f"{_bar_text(level, m)} | {_time_text(m)} | {result_cells(m).device} | {_model_text(m)} | "
+                     f"{_bar_text(level, m)} | {_time_text(m)}{_compiled_text(m)} | {result_cells(m).device} | {_model_text(m)} | "
                      f"{on_gpu} |")
     return lines
 

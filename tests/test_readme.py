@@ -127,6 +127,11 @@ def test_a_recorded_level_shows_its_numbers_and_the_others_say_not_yet_recorded(
     for level in (1, 3, 4):
         assert "not yet recorded" in rows[level] and TEACHES[level] in rows[level]
     assert all("unmeasured" in row for row in rows.values())  # no GPU record
+    assert "--compile" not in rows[2]  # the record holds no `compile`: an eager run
+    compiled = fake_record(2, 0.9043, {}) | dict(compile=dict(used=True, reason="--compile"))
+    (tmp_path / "cpu" / "level2.json").write_text(json.dumps(compiled))
+    row = next(line for line in render_readme(README.read_text(), tmp_path).splitlines() if line.startswith("| [2]"))
+    assert "11.0 min in all, trained with `--compile`" in row
 
     (tmp_path / "gpu").mkdir()
     gpu_run = fake_record(1, 0.8812, {}) | dict(profile=None, environment=dict(device="NVIDIA T4", device_type="cuda"))
