@@ -185,7 +185,12 @@ def device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     import platform
 
-    return f"CPU ({cpu_model_name() or platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    # The vector capability is part of the name: two "AMD EPYC" hosts, one AVX2 and one AVX-512 with bf16
+    # hardware, train at different speeds and in different precisions, so their records must not read alike.
+    capability = torch.backends.cpu.get_cpu_capability()
+    bf16 = ", bf16 hardware" if cpu_has_fast_bf16() else ""
+    return (f"CPU ({cpu_model_name() or platform.processor() or platform.machine()}, {capability}{bf16}, "
+            f"{torch.get_num_threads()} threads)")
 
 
 def cpu_model_name() -> str | None:
