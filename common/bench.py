@@ -116,6 +116,16 @@ class Recipe:
     loss_fn: nn.Module = dataclasses.field(default_factory=nn.CrossEntropyLoss)
 
 
+def chosen_mode(row: dict) -> str:
+    """The way a level trains this recipe, as a key of row["speeds"]: eager or compiled, and its precision.
+
+    A frozen backbone (Level 1's, trainable "head") only predicts, so it runs in the inference precision (bf16
+    where the CPU has it in hardware); every other recipe in the training one (see select_precision)."""
+    precision = row["precision"]
+    mode = precision["inference"] if row["trainable"].startswith("head") else precision["train"]
+    return f"{'compiled' if row.get('compile_default') else 'eager'}-{mode}"
+
+
 def with_overrides(hp, overrides: dict, profiles: dict[str, dict] | None = None):
     """A level's Hyperparameters under the bench's --profile (the level's own profile of that name, e.g. its
     CPU_PROFILE), then with the bench's --model, --img-size and --batch-size (those given)."""
@@ -399,7 +409,7 @@ def bench_recipe(recipe: Recipe, data: dict, device, precision_flag: str, steps:
     row["cpu_precisions"] = None
     if four_way:  # --profile: the four modes side by side, and the one the levels use
         row.update(four_way_speeds(recipe, model, data, device, steps, repeats))
-        row["chosen"] = f"{'compiled' if row['compile_default'] else 'eager'}-{precision.name}"
+        row["chosen"] = chosen_mode(row)
         measured = {k: v for k, v in row["speeds"].items() if v}
         row["fastest"] = max(measured, key=measured.get)
         # compile pays back when the seconds it saves over one epoch exceed its own cost

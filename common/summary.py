@@ -612,6 +612,8 @@ def readme_speed(results_dir: Path) -> list[str]:
     --profile cpu`), every recipe's training images/s four ways, and the way the levels use."""
     import json
 
+    from common.bench import chosen_mode
+
     lines = []
     for path in sorted(Path(results_dir).glob("*/bench/*.json")):
         report = json.loads(path.read_text())
@@ -623,7 +625,7 @@ def readme_speed(results_dir: Path) -> list[str]:
             compile_s = ", ".join(f"{v['compile_seconds']:.0f} s" for v in (r.get("compile_payback") or {}).values())
             lines.append(f"| {r['name']} | {r['model']} @ {r['img_size']} px, batch {r['batch_size']} | "
                          + " | ".join(cells) + f" | {compile_s or '—'} | {r['fraction_of_peak']:.0%} | "
-                         f"{r['chosen']} | {report['device']} | [record]({path.relative_to(Path(results_dir).parent).as_posix()}) |")
+                         f"{chosen_mode(r)} | {report['device']} | [record]({path.relative_to(Path(results_dir).parent).as_posix()}) |")
     if not lines:
         return ["No benchmark has been kept yet (`python run.py bench --profile cpu`, then copy its bench.json "
                 "into results/cpu/bench/)."]
