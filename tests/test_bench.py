@@ -103,3 +103,17 @@ def test_peak_flops_are_matched_by_device_name(monkeypatch, name, tflops):
     assert peak == (tflops * 1e12 if tflops else None)
     assert ("datasheet" in source) == (tflops is not None)
     assert peak_flops(torch.device("cpu"))[0] is None
+
+
+@pytest.mark.parametrize("trainable, precision, compiled, chosen", [
+    # Level 1's backbone is frozen: it only predicts, in the inference precision (bf16 on a CPU that has it)
+    ("head (frozen backbone run live, as --no-cache-features)", dict(train="fp32", inference="bf16"), False,
+     "eager-bf16"),
+    # lite0 fine-tuned in full trains in fp32 on that CPU (depthwise convolutions), whatever it predicts in
+    ("all + head", dict(train="fp32", inference="bf16"), False, "eager-fp32"),
+    ("all (from scratch)", dict(train="bf16", inference="bf16"), True, "compiled-bf16"),
+])
+def test_the_way_the_levels_use_follows_what_each_recipe_trains(trainable, precision, compiled, chosen):
+    from common.bench import chosen_mode
+
+    assert chosen_mode(dict(trainable=trainable, precision=precision, compile_default=compiled)) == chosen
