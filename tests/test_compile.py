@@ -50,7 +50,9 @@ def test_bench_profile_cpu_times_each_recipe_four_ways(cifar_dir, tmp_path):
     assert row["speeds"]["eager-fp32"] > 0 and row["chosen"] in row["speeds"]
     # no compiler here (CXX points at nothing): the compiled ways are not timed, and bench.md says why
     assert row["speeds"]["compiled-fp32"] is None and "torch.compile does not work" in row["notes"]["compiled-fp32"]
-    assert row["fraction_of_peak"] is not None and 0 < row["fraction_of_peak"] < 1.5
+    assert row["fraction_of_peak"] is not None and row["fraction_of_peak"] > 0
+    if row["precision"]["train"] == "fp32":  # the peak is an fp32 matrix product: bf16 training may pass it
+        assert row["fraction_of_peak"] < 1.5
     # inference by batch size: the recipe's own batch against the GPU recipes' 256, both measured
     assert set(row["eval_batch_speeds"]) == {str(row["eval_batch_size"]), "256"}
     assert all(speed > 0 for speed in row["eval_batch_speeds"].values())
