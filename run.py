@@ -259,6 +259,39 @@ def show_status(out_dir: Path) -> int:
 
 
 @app.command()
+def compare(
+    new: Path = typer.Argument(..., help="a level's folder, e.g. outputs/level3 (its metrics.json)"),
+    old: Path = typer.Argument(..., help="another level's folder to compare it with, e.g. other-outputs/level2"),
+) -> None:
+    """Is one run's test accuracy really different from another's? The change in points with its standard error,
+    paired image by image where both runs kept their test predictions, and what makes the two not like for like.
+    The runs may be in different output folders (a level compares itself with the level before it only in its
+    own folder)."""
+    import json
+
+    from common.stats import compare_runs
+
+    console = _light_console()
+    runs = []
+    for folder in (new, old):
+        path = folder / "metrics.json"
+        try:
+            m = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as problem:
+            console.print(f"[bold red]Error:[/] no readable {path} ({problem.__class__.__name__}): give a level's "
+                          f"folder, such as outputs/level3.", highlight=False)
+            raise typer.Exit(2)
+        if m.get("status") != "complete" or m.get("test_accuracy") is None:
+            console.print(f"[bold red]Error:[/] {path} is not a finished run (status {m.get('status')}).",
+                          highlight=False)
+            raise typer.Exit(2)
+        runs.append(m)
+    text, _ = compare_runs(runs[0], new.parent, runs[1], old.parent, f"Level {runs[1].get('level')} in {old}")
+    console.print(f"Level {runs[0].get('level')} in {new}: {100 * runs[0]['test_accuracy']:.2f}% on "
+                  f"{runs[0]['test_size']:,} test images. {text}", highlight=False)
+
+
+@app.command()
 def status(out_dir: Path = typer.Option(Path("outputs"), help="the folder the levels wrote to")) -> None:
     """Where each level stands: status, test accuracy against its bar, training time, when, and what to run next."""
     raise typer.Exit(show_status(out_dir))

@@ -19,7 +19,7 @@ from typing import Callable
 
 from common.data import DataError
 from common.distributed import is_main_process, world_size
-from common.io import OutputError, check_writable, safe_filename, torch_save_atomic
+from common.io import OutputError, check_writable, safe_filename, save_npz_atomic, torch_save_atomic
 from common.progress import console
 from common.records import metrics_path, this_process, write_metrics
 from common.summary import write_summary
@@ -184,7 +184,14 @@ class LevelRun:
         from common import training
 
         self.metrics["test_evaluations"] = self.metrics.get("test_evaluations", 0) + 1
-        return training.evaluate(model, batches, device, precision)
+        result = training.evaluate(model, batches, device, precision)
+        # every test image's logits, in order: a later level pairs its own right/wrong with these, image by image
+        # (common.stats.compare_with_level), and `run.py predict` can be checked against them
+        if is_main_process():
+            path = save_npz_atomic(self.path("test_predictions.npz"), logits=result.logits.float().numpy(),
+                                   labels=result.labels.numpy())
+            self.metrics.setdefault("files", {})["test_predictions"] = path.relative_to(self.out_dir).as_posix()
+        return result
 
     def read_test_labels(self, images: dict):
         """The test set's labels, as numpy: for a level that scores its own saved predictions (Level 4). Counted in

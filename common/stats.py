@@ -54,17 +54,49 @@ def compare_with_level(level: int, metrics: dict, out_dir: Path) -> tuple[str, d
     if not earlier or earlier.get("status") != "complete" or earlier.get("test_accuracy") is None:
         return (f"Level {level} has no completed run in `{out_dir}`: run it (`python run.py level {level}` with the "
                 f"same flags) to see the change against it.", None)
-    d = difference(metrics["test_accuracy"], earlier["test_accuracy"], metrics["test_size"], earlier["test_size"])
+    text, d = compare_runs(metrics, out_dir, earlier, out_dir, f"Level {level}")
+    return text, dict(level=level, **d)
+
+
+def compare_runs(metrics: dict, root: Path, earlier: dict, earlier_root: Path, name: str) -> tuple[str, dict]:
+    """`metrics` against `earlier` (two runs' metrics.json, each with the output folder its file paths are
+    relative to): the change in test accuracy, paired image by image where both kept their test predictions,
+    and what makes the two runs not like for like."""
+    paired = paired_correct(metrics, root, earlier, earlier_root)
+    if paired is not None:  # both kept every test image's logits, on the same images: pair them
+        d = dict(paired_difference(*paired), paired=True)
+    else:
+        d = dict(difference(metrics["test_accuracy"], earlier["test_accuracy"], metrics["test_size"],
+                            earlier["test_size"]), paired=False)
     ours, theirs = metrics["config"], earlier.get("config", {})
     unlike = [f"{key} {theirs.get(key)} there, {ours.get(key)} here"
-              for key in ("model", "img_size", "weights", "pretrained") if theirs.get(key) != ours.get(key)]
+              for key in ("model", "img_size", "epochs", "seed", "weights", "pretrained")
+              if theirs.get(key) != ours.get(key)]
     unlike += [f"{key} {earlier.get(key)} there, {metrics.get(key)} here"
                for key in ("train_size", "test_size", "quick") if earlier.get(key) != metrics.get(key)]
     if "augmentation" in earlier and bool(earlier["augmentation"]) != bool(metrics.get("augmentation")):
         unlike.append(f"{'with' if earlier['augmentation'] else 'without'} augmentation there, "
                       f"{'with' if metrics.get('augmentation') else 'without'} here")
-    text = (f"Against Level {level} ({100 * earlier['test_accuracy']:.2f}% on {earlier['test_size']:,} test images): "
-            f"{describe(d)}.")
+    text = (f"Against {name} ({100 * earlier['test_accuracy']:.2f}% on {earlier['test_size']:,} test images): "
+            f"{describe(d)}"
+            + (f", paired on the same test images ({d['only_new']} right only here, {d['only_old']} only there)."
+               if d["paired"] else ", the two taken as independent (no per-image predictions kept for both)."))
     if unlike:
         text += " Not a like-for-like comparison: " + "; ".join(unlike) + "."
-    return text, dict(level=level, test_accuracy=earlier["test_accuracy"], like_for_like=not unlike, **d)
+    return text, dict(test_accuracy=earlier["test_accuracy"], like_for_like=not unlike, **d)
+
+
+def paired_correct(metrics: dict, root: Path, earlier: dict, earlier_root: Path):
+    """(ours right, theirs right) per test image, from both runs' test_predictions.npz, or None when either is
+    missing or the two were not scored on the same images in the same order (their labels differ)."""
+    arrays = []
+    for m, folder in ((metrics, root), (earlier, earlier_root)):
+        name = m.get("files", {}).get("test_predictions")
+        if not name or not (Path(folder) / name).is_file():
+            return None
+        with np.load(Path(folder) / name) as saved:
+            arrays.append((saved["logits"].argmax(1), saved["labels"]))
+    (ours, labels), (theirs, their_labels) = arrays
+    if labels.shape != their_labels.shape or not np.array_equal(labels, their_labels):
+        return None
+    return ours == labels, theirs == labels

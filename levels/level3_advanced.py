@@ -57,7 +57,7 @@ from torch import nn
 from common.cli import parse_args
 from common.data import CLASSES
 from common.finetuning import SCOPE_WORDS, augmentation_steps, evaluation_batches, fine_tune_scope, train
-from common.io import save_npz_atomic, write_text_atomic
+from common.io import write_text_atomic
 from common.models import (check_input_size, create_model, last_stage, normalization, pretrained_tag, train_only,
                            zero_head)
 from common.plots import plot_confusion_matrix, plot_gradcam, plot_se_gates, plot_top_losses, plot_training_curves
@@ -282,8 +282,8 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
     write_text_atomic(run.path("per_class.csv"), "class,precision,recall,f1,support\n" + "".join(
         f"{c['class']},{c['precision']:.4f},{c['recall']:.4f},{c['f1']:.4f},{c['support']}\n" for c in metrics["per_class"]))
     write_text_atomic(run.path("classification_report.txt"), report)
-    metrics["files"] = {key: run.path(f"{key}.{ext}").relative_to(run.out_dir).as_posix()
-                  for key, ext in (("per_class", "csv"), ("classification_report", "txt"))}
+    metrics["files"].update({key: run.path(f"{key}.{ext}").relative_to(run.out_dir).as_posix()
+                             for key, ext in (("per_class", "csv"), ("classification_report", "txt"))})
     run.add_figure("curves", plot_training_curves(metrics["history"], run.path("curves.png"),
                                                   f"{TITLE} ({hp.model} + SE, {metrics['train_size']:,} images)"))
     run.add_figure("confusion_matrix", plot_confusion_matrix(
@@ -292,9 +292,7 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
 
     # ------------------------------------------------------------------------------------------------------
     #                     Looking inside: the worst mistakes, the SE gates, Grad-CAM
-    # the test set's logits, in order: what top_losses.png ranks
-    save_npz_atomic(run.path("test_predictions.npz"), logits=test.logits.numpy(), labels=test.labels.numpy())
-    metrics["files"]["test_predictions"] = run.path("test_predictions.npz").relative_to(run.out_dir).as_posix()
+    # the test set's logits, in order (run.evaluate_test kept them in test_predictions.npz): what top_losses.png ranks
     metrics["top_losses"] = top_losses(test.logits, test.labels)
     shown = [t["test_position"] for t in metrics["top_losses"]]
     run.add_figure("top_losses", plot_top_losses(

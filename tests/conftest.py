@@ -5,6 +5,7 @@ Under CI=true a missing shared file fails the suite; elsewhere the tests that ne
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import tarfile
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,3 +180,18 @@ def level4_where(lite0_weights: Path, cifar_dir: Path) -> list[str]:
     """The --weights (one file for both lite0 members) and --data-dir of the level4_outputs run."""
     return ["--weights", f"efficientnet_lite0={lite0_weights},efficientnet_lite0+se={lite0_weights}",
             "--data-dir", str(cifar_dir)]
+
+
+def paired_by_hand(out: Path, new_level: int, old_level: int) -> str:
+    """How a level must word its change against an earlier level run in the same folder, computed here from both
+    levels' test_predictions.npz: b images right only for the new one, c only for the old, n in all; the change
+    (b - c) / n and its paired standard error sqrt((b + c) / n - ((b - c) / n)²) / sqrt(n)."""
+    right = []
+    for level in (new_level, old_level):
+        with np.load(out / f"level{level}" / "test_predictions.npz") as saved:
+            right.append(saved["logits"].argmax(1) == saved["labels"])
+    b, c, n = int((right[0] & ~right[1]).sum()), int((~right[0] & right[1]).sum()), len(right[0])
+    d = (b - c) / n
+    se = 100 * math.sqrt(max((b + c) / n - d * d, 0) / n)
+    return (f"{100 * d:+.2f} points ({'beyond' if abs(100 * d) > 2 * se else 'within'} noise; one standard error of "
+            f"the difference: {se:.2f}), paired on the same test images ({b} right only here, {c} only there).")

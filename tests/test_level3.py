@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import LEVEL3_FLAGS, kill_when, nth_line, run_cli, status_row, untimed
+from conftest import LEVEL3_FLAGS, kill_when, nth_line, paired_by_hand, run_cli, status_row, untimed
 from levels.level3_advanced import SqueezeExcitation, build_se_model, count_se_blocks
 
 # ----------------------------------------------------------------------------------------------------------
@@ -152,12 +151,11 @@ def test_findings_name_the_classes_the_numbers_point_to(level3_run):
     assert "cat↔dog" in findings  # the original assessment's expectation is checked, whatever the answer
     level2 = json.loads((out / "level2" / "metrics.json").read_text())
     assert f"Against Level 2 ({100 * level2['test_accuracy']:.2f}% on {level2['test_size']} test images)" in findings
-    # the change and the verdict the numbers call for, computed here: more than two standard errors or not
-    p, q = m["test_accuracy"], level2["test_accuracy"]
-    points = 100 * (p - q)
-    se = 100 * math.sqrt(p * (1 - p) / m["test_size"] + q * (1 - q) / level2["test_size"])
-    verdict = "beyond noise" if abs(points) > 2 * se else "within noise"
-    assert f"{points:+.2f} points ({verdict}; one standard error of the difference: {se:.2f})" in findings
+    # the change and the verdict the numbers call for, computed here from both levels' kept test predictions:
+    # paired on the same images, more than two standard errors or not
+    assert paired_by_hand(out, 3, 2) in findings
+    assert m["findings"]["level2_comparison"]["points"] == pytest.approx(
+        100 * (m["test_accuracy"] - level2["test_accuracy"]), abs=1e-4)
 
     rows = {line.split(" | ")[1]: line for line in summary.splitlines() if line.startswith("| 3 | ")}
     for item in ["Custom architecture: SE block present in the trained model",
@@ -168,6 +166,25 @@ def test_findings_name_the_classes_the_numbers_point_to(level3_run):
     assert "❌" in rows["Test accuracy ≥ 91%"] and "⏳ not run" not in summary.split("| 2 | Test accuracy")[1][:80]
     assert "## Level 2: Augmentation and fine-tuning" in summary
     assert "![confusion_matrix](level3/confusion_matrix.png)" in summary
+
+
+def test_compare_pairs_two_runs_in_different_folders_as_the_level_does_in_one(level3_outputs, tmp_path):
+    """`run.py compare` on Level 3 and a copy of Level 2 moved to another folder: the same paired sentence as
+    Level 3's own findings (computed here from both prediction files); a folder with no run says so, exit 2."""
+    import shutil
+
+    shutil.copytree(level3_outputs / "level2", tmp_path / "elsewhere" / "level2")
+    result = run_cli("run.py", "compare", str(level3_outputs / "level3"), str(tmp_path / "elsewhere" / "level2"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert paired_by_hand(level3_outputs, 3, 2) in result.stdout
+    assert "Not a like-for-like comparison: epochs 1 there, 2 here" in result.stdout  # the fixture's Level 2: 1 epoch
+
+    (tmp_path / "elsewhere" / "level2" / "test_predictions.npz").unlink()  # an older run: no per-image predictions
+    result = run_cli("run.py", "compare", str(level3_outputs / "level3"), str(tmp_path / "elsewhere" / "level2"))
+    assert result.returncode == 0 and "the two taken as independent" in result.stdout, result.stdout
+
+    result = run_cli("run.py", "compare", str(level3_outputs / "level3"), str(tmp_path / "nothing-here"))
+    assert result.returncode == 2 and "no readable" in result.stdout and "Traceback" not in result.stdout + result.stderr
 
 
 def test_sigkill_mid_epoch_then_resume_ends_like_a_straight_run(level3_outputs, cifar_dir, lite0_weights, tmp_path):
