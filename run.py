@@ -142,7 +142,8 @@ def record(
 @app.command()
 def bench(
     quick: bool = typer.Option(False, "--quick", help="smoke profile for a CPU: 64 px, 1 step x 9 turns, Level 1's "
-                               "comparison on 800 / 200 / 200 images"),
+                               "comparison on 800 / 200 / 200 images; with --profile, the profile's own sizes and "
+                               "5 turns for each of the four ways"),
     data_dir: str | None = typer.Option(None, help="CIFAR-10 location, as for the levels (default: $CIFAR10_DIR, "
                                         "else ./data)"),
     out_dir: Path = typer.Option(Path("outputs"), help="where bench.json and bench.md go"),

@@ -57,8 +57,11 @@ LEVEL_NUMBERS = (1, 2, 3, 4)
 # On a CPU every step synchronizes anyway, so turns of one step each pair the real and the staged step as
 # closely in time as possible (other processes on the machine come and go within seconds); on a GPU a turn
 # must be long enough for the pipeline to overlap the device's work, as it does in training.
-QUICK = dict(img_size=64, steps=1, repeats=9, level1_sizes=(800, 200, 200))
-FULL = dict(img_size=None, steps=20, repeats=5, level1_sizes=(None, None, None))
+# four_way_repeats and eval_images: under --profile each recipe is timed five more ways (four training modes, two
+# inference batch sizes), two of them compiled; --quick times those with fewer turns and images, because the
+# profile's recipes run at full size (128-224 px), where a 1-step turn of lite0 already takes about a second.
+QUICK = dict(img_size=64, steps=1, repeats=9, four_way_repeats=5, eval_images=128, level1_sizes=(800, 200, 200))
+FULL = dict(img_size=None, steps=20, repeats=5, four_way_repeats=5, eval_images=256, level1_sizes=(None, None, None))
 LEVEL1_EPOCHS = 5
 
 # Dense (no sparsity) FP16/BF16 tensor-core peak, TFLOP/s, from NVIDIA's product datasheets. Matched against
@@ -383,7 +386,8 @@ def compare_cpu_precisions(recipe: Recipe, model: nn.Module, data: dict, device,
 
 
 def bench_recipe(recipe: Recipe, data: dict, device, precision_flag: str, steps: int, repeats: int,
-                 compile: bool, four_way: bool = False, epoch_images: int = 40_000) -> dict:
+                 compile: bool, four_way: bool = False, epoch_images: int = 40_000, four_way_repeats: int = 5,
+                 eval_images: int = 256) -> dict:
     from common.training import cpu_has_fast_bf16
 
     torch.manual_seed(0)
@@ -408,7 +412,7 @@ def bench_recipe(recipe: Recipe, data: dict, device, precision_flag: str, steps:
     row["peak_host_memory_bytes"] = peak_host_memory()
     row["cpu_precisions"] = None
     if four_way:  # --profile: the four modes side by side, and the one the levels use
-        row.update(four_way_speeds(recipe, model, data, device, steps, repeats))
+        row.update(four_way_speeds(recipe, model, data, device, steps, four_way_repeats))
         row["chosen"] = chosen_mode(row)
         measured = {k: v for k, v in row["speeds"].items() if v}
         row["fastest"] = max(measured, key=measured.get)
@@ -419,15 +423,16 @@ def bench_recipe(recipe: Recipe, data: dict, device, precision_flag: str, steps:
             row.setdefault("compile_payback", {})[key] = dict(compile_seconds=seconds, epoch_seconds_saved=saved,
                                                               paid_back_in_one_epoch=bool(saved and saved > seconds))
         # Inference batch size: on a CPU a batch of 256 images at 128-224 px spills out of the caches, so the CPU
-        # profile evaluates in small batches. Measured here against 256 (the GPU recipes' batch), on 256 images.
+        # profile evaluates in small batches. Measured here against 256 (the GPU recipes' batch), on `eval_images`.
         sizes = sorted({recipe.eval_batch_size, 256})
         row["eval_batch_speeds"] = {str(size): measure_evaluation(dataclasses.replace(recipe, eval_batch_size=size),
-                                                                  model, data, device, precision, 256, repeats)
+                                                                  model, data, device, precision, eval_images,
+                                                                  four_way_repeats)
                                     for size in sizes}
     elif device.type == "cpu" and cpu_has_fast_bf16():
         row["cpu_precisions"] = compare_cpu_precisions(recipe, model, data, device, steps, repeats)
     row["compiled"] = None
-    if compile:
+    if compile and not four_way:  # the four ways already include the compiled ones
         compiled = measure_training(recipe, torch.compile(model), data, device, precision, steps, repeats)
         compiled.pop("staged_example")
         compiled["speedup_over_eager"] = compiled["train_images_per_second"] / row["train_images_per_second"]
@@ -496,6 +501,8 @@ def run_bench(recipe_sources: dict, level1_main: Callable | None = None, quick: 
     if profile_name:  # the levels' own recipe under --profile: its image sizes, whatever --quick's
         profile["img_size"] = None
     profile.update({k: v for k, v in dict(img_size=img_size, steps=steps, repeats=repeats).items() if v is not None})
+    if repeats is not None:  # --repeats: every timing takes that many turns
+        profile["four_way_repeats"] = repeats
     overrides = dict(model=model, img_size=profile["img_size"], batch_size=batch_size, profile=profile_name)
     try:
         dev = select_device(device)
@@ -523,6 +530,8 @@ def run_bench(recipe_sources: dict, level1_main: Callable | None = None, quick: 
     report = dict(environment=environment(dev, precision), device=device_name(dev), precision=precision.name,
                   precision_flag=precision_flag,
                   profile="quick" if quick else "full", steps=profile["steps"], repeats=profile["repeats"],
+                  four_way_repeats=profile["four_way_repeats"] if profile_name else None,
+                  eval_images=profile["eval_images"] if profile_name else None,
                   recipe_profile=profile_name,
                   compile=compile, peak_flops_per_second=peak, peak_flops_source=peak_source,
                   host=host, recipes=[], skipped=skipped, level1_cache=None)
@@ -530,11 +539,15 @@ def run_bench(recipe_sources: dict, level1_main: Callable | None = None, quick: 
                   f"{profile['steps']} steps x {profile['repeats']} turns per measurement", highlight=False)
     for s in skipped:
         console.print(f"[yellow]Skipped level {s['level']}:[/] {s['reason']}", highlight=False)
+    if compile and profile_name:
+        console.print(f"--compile: --profile {profile_name} already times every recipe compiled (fp32 and bf16), "
+                      f"so nothing is timed twice.", highlight=False)
     for recipe in recipes:
         console.print(f"{recipe.name}: {recipe.model} at {recipe.img_size} px, batch {recipe.batch_size} ...",
                       highlight=False)
         row = bench_recipe(recipe, data, dev, precision_flag, profile["steps"], profile["repeats"], compile,
-                           four_way=bool(profile_name))
+                           four_way=bool(profile_name), four_way_repeats=profile["four_way_repeats"],
+                           eval_images=profile["eval_images"])
         if peak and row["fraction_of_peak"] is None:
             row["peak_flops_per_second"], row["fraction_of_peak"] = peak, row["achieved_flops_per_second"] / peak
         report["recipes"].append(row)
@@ -658,7 +671,8 @@ def render_markdown(report: dict) -> str:
             return "—" if value is None else f"{value:,.1f}" + (" **fastest**" if key == r["fastest"] else "")
 
         lines += ["", f"## `--profile {report['recipe_profile']}`: each recipe four ways", "",
-                  "Training images per second through the real pipeline (the median of the turns), for each way "
+                  "Training images per second through the real pipeline (the median of "
+                  f"{report.get('four_way_repeats') or report['repeats']} turns), for each way "
                   "to run the same recipe; — where a way cannot run here (reasons below). **levels use**: what "
                   "the levels run by default (--precision auto, --no-compile).", "",
                   "| recipe | model | eager fp32 | eager bf16 | compiled fp32 | compiled bf16 | compile s "
@@ -675,7 +689,7 @@ def render_markdown(report: dict) -> str:
         sizes = sorted({int(b) for r in four_way for b in r.get("eval_batch_speeds", {})})
         if sizes:
             lines += ["", "Inference images per second (validation, test, Level 1's feature pass) by batch size, on "
-                      "256 validation images; **levels use** the recipe's own batch.", "",
+                      f"{report.get('eval_images') or 256} validation images; **levels use** the recipe's own batch.", "",
                       "| recipe | " + " | ".join(f"batch {b}" for b in sizes) + " | levels use |",
                       "|---|" + "---|" * (len(sizes) + 1)]
             for r in four_way:
