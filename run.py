@@ -263,6 +263,8 @@ def show_status(out_dir: Path) -> int:
 def compare(
     new: Path = typer.Argument(..., help="a level's folder, e.g. outputs/level3 (its metrics.json)"),
     old: Path = typer.Argument(..., help="another level's folder to compare it with, e.g. other-outputs/level2"),
+    save: Path | None = typer.Option(None, help="also write the comparison, and what each run was (command, "
+                                     "commit, device, accuracy), to this JSON file"),
 ) -> None:
     """Is one run's test accuracy really different from another's? The change in points with its standard error,
     paired image by image where both runs kept their test predictions, and what makes the two not like for like.
@@ -287,9 +289,20 @@ def compare(
                           highlight=False)
             raise typer.Exit(2)
         runs.append(m)
-    text, _ = compare_runs(runs[0], new.parent, runs[1], old.parent, f"Level {runs[1].get('level')} in {old}")
-    console.print(f"Level {runs[0].get('level')} in {new}: {100 * runs[0]['test_accuracy']:.2f}% on "
-                  f"{runs[0]['test_size']:,} test images. {text}", highlight=False)
+    text, comparison = compare_runs(runs[0], new.parent, runs[1], old.parent, f"Level {runs[1].get('level')} in {old}")
+    text = (f"Level {runs[0].get('level')} in {new}: {100 * runs[0]['test_accuracy']:.2f}% on "
+            f"{runs[0]['test_size']:,} test images. {text}")
+    console.print(text, highlight=False)
+    if save:
+        from common.io import write_json_atomic
+
+        def identity(m: dict) -> dict:
+            return {key: m.get(key) for key in ("level", "title", "test_accuracy", "test_size", "train_size",
+                                                "train_seconds", "command", "code_version", "started_at")} | dict(
+                device=(m.get("environment") or {}).get("device"), config=m.get("config"))
+
+        write_json_atomic(save, dict(new=identity(runs[0]), old=identity(runs[1]), comparison=comparison, text=text))
+        console.print(f"Wrote {save}", highlight=False)
 
 
 @app.command()

@@ -174,9 +174,14 @@ def test_compare_pairs_two_runs_in_different_folders_as_the_level_does_in_one(le
     import shutil
 
     shutil.copytree(level3_outputs / "level2", tmp_path / "elsewhere" / "level2")
-    result = run_cli("run.py", "compare", str(level3_outputs / "level3"), str(tmp_path / "elsewhere" / "level2"))
+    result = run_cli("run.py", "compare", str(level3_outputs / "level3"), str(tmp_path / "elsewhere" / "level2"),
+                     "--save", str(tmp_path / "se-effect.json"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert paired_by_hand(level3_outputs, 3, 2) in result.stdout
+    saved = json.loads((tmp_path / "se-effect.json").read_text())  # the kept comparison says what it compared
+    level3 = json.loads((level3_outputs / "level3" / "metrics.json").read_text())
+    assert saved["new"]["test_accuracy"] == level3["test_accuracy"] and saved["old"]["level"] == 2
+    assert saved["comparison"]["paired"] is True and saved["text"] in result.stdout
     assert "Not a like-for-like comparison: epochs 1 there, 2 here" in result.stdout  # the fixture's Level 2: 1 epoch
 
     (tmp_path / "elsewhere" / "level2" / "test_predictions.npz").unlink()  # an older run: no per-image predictions
