@@ -492,7 +492,7 @@ TEACHES = {
     1: "transfer learning: a frozen ImageNet backbone and a new linear head",
     2: "per-image augmentation and partial fine-tuning, with a 2×2 ablation",
     3: "a hand-written Squeeze-and-Excitation block; per-class analysis",
-    4: "an ensemble of three models with modern regularization and TTA",
+    4: "an ensemble of different kinds of models (three by default), modern regularization and TTA",
 }
 HISTORY_PAGE = "docs/results-history.md"  # the earlier measurements, made before records were kept
 RECORDS_PAGE = "docs/records.md"  # how a run is filed as a record
