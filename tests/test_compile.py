@@ -38,8 +38,8 @@ def test_without_a_cpp_compiler_compile_is_one_line_and_the_run_goes_on_eagerly(
 
 
 def test_bench_profile_cpu_times_each_recipe_four_ways(cifar_dir, tmp_path):
-    result = run_cli("run.py", "bench", "--profile", "cpu", "--quick", "--level", "4", "--model", "cifarnet",
-                     "--batch-size", "32", "--steps", "1", "--repeats", "1", "--no-level1-comparison",
+    result = run_cli("run.py", "bench", "--profile", "cpu", "--quick", "--compile", "--level", "4",
+                     "--model", "cifarnet", "--batch-size", "32", "--steps", "1", "--repeats", "1", "--no-level1-comparison",
                      "--data-dir", str(cifar_dir), "--out-dir", str(tmp_path), env={"CXX": "/nonexistent/c++"},
                      timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -48,6 +48,9 @@ def test_bench_profile_cpu_times_each_recipe_four_ways(cifar_dir, tmp_path):
     assert (row["model"], row["img_size"]) == ("cifarnet", 32)  # the profile's recipe: 32 px, not --quick's 64
     assert set(row["speeds"]) == {"eager-fp32", "eager-bf16", "compiled-fp32", "compiled-bf16"}
     assert row["speeds"]["eager-fp32"] > 0 and row["chosen"] in row["speeds"]
+    # --compile under --profile times nothing twice: the four ways hold the compiled ones
+    assert row["compiled"] is None and "nothing is timed twice" in result.stdout
+    assert (report["four_way_repeats"], report["eval_images"]) == (1, 128)  # --repeats 1; --quick's 128 images
     # no compiler here (CXX points at nothing): the compiled ways are not timed, and bench.md says why
     assert row["speeds"]["compiled-fp32"] is None and "torch.compile does not work" in row["notes"]["compiled-fp32"]
     assert row["fraction_of_peak"] is not None and row["fraction_of_peak"] > 0
