@@ -99,6 +99,8 @@ class Hyperparameters:
 # change that fits 75 min on the AVX-512 EPYC, where an epoch of lite0+SE takes about 10 min (Level 4's run).
 # Measured (results/cpu/level3.json): 90.72% test, 91.09% validation, 51.2 min of training and 54.0 in all on the
 # AVX-512 EPYC. The time fits; the 91% bar is missed by 0.28 points (the sixth epoch gave +0.11 over five).
+# The SE block's own share, paired on the same test images against Level 2's run of this recipe without it:
+# -0.26 points, within noise (results/cpu/comparisons/se-block.json; docs/cpu-profile.md).
 CPU_PROFILE = dict(model="efficientnet_lite0", img_size=128, epochs=6, lr=1e-3, weight_decay=0.05,
                    label_smoothing=0.1, fine_tune_scope="all",
                    eval_batch_size=16)  # see Level 1's CPU_PROFILE: small batches are faster on a CPU
