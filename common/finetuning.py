@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.augment import color_jitter, random_crop_flip
+from common.augment import color_jitter, hflip, random_crop_flip
 from common.models import last_stage, normalization
 from common.progress import TrainingDisplay
 from common.training import EpochCheckpoint, FitResult, TensorBatches, cosine_schedule, fit, make_optimizer, model_input
@@ -51,11 +51,13 @@ def check_scope(scope: str) -> None:
         raise SetupError(f"--fine-tune-scope must be one of {', '.join(SCOPES)}, not '{scope}'.")
 
 
-def evaluation_batches(images: dict, split: str, model: nn.Module, hp) -> TensorBatches:
-    """A split's images, in order, as the model's input (no augmentation)."""
+def evaluation_batches(images: dict, split: str, model: nn.Module, hp, mirrored: bool = False) -> TensorBatches:
+    """A split's images, in order, as the model's input (no augmentation); `mirrored`: each image's mirror,
+    flipped at 32 x 32 before the resize, as `run.py predict` flips it."""
     mean, std = normalization(model)
     return TensorBatches(*images[split], hp.eval_batch_size,
-                         transform=lambda batch: model_input(batch, hp.img_size, mean, std))
+                         transform=lambda batch: model_input(hflip(batch) if mirrored else batch, hp.img_size, mean,
+                                                             std))
 
 
 def train(model: nn.Module, images: dict, hp, *, epochs: int, augmented: bool, seed: int, device, precision,

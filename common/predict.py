@@ -163,9 +163,13 @@ def load_saved_model(path: Path, builders: dict[str, Builder] | None = None, dev
         description = "ensemble of " + ", ".join(
             f"{m.name} ({m.weight:.2f}{f', {len(m.views)} views' if len(m.views) > 1 else ''})" for m in members)
     else:
-        views = ("identity",)
+        views = tuple(saved.get("tta_views") or ("identity",))  # Level 3 may average each image with its mirror
+        known = list(tta_views(tta=True))
+        if any(v not in known for v in views):
+            raise PredictError(f"'{path}' asks for test-time views {list(views)}; this command knows {known}.")
         members = [_member(saved, len(classes), builders, saved.get("model", "model"), 1.0, device, views)]
-        description = saved.get("model", "?") + (" + SE" if kind == "se" else "") + f" at {saved.get('img_size')} px"
+        description = (saved.get("model", "?") + (" + SE" if kind == "se" else "") + f" at {saved.get('img_size')} px"
+                       + (f", {len(views)} views ({', '.join(views)})" if len(views) > 1 else ""))
     meta = {k: v for k, v in saved.items() if k not in ("state_dict", "members")}
     return SavedModel(saved.get("level"), kind, description, classes, members, views, Path(path), meta)
 

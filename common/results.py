@@ -178,13 +178,14 @@ class LevelRun:
         self.metrics["model_file"] = path.relative_to(self.out_dir).as_posix()
         return path
 
-    def evaluate_test(self, model, batches, device, precision):
+    def evaluate_test(self, model, batches, device, precision, *more_views):
         """The test set, evaluated: counted in metrics.json (`test_evaluations`), which the checklist expects to
-        be 1, after every choice was made on validation."""
+        be 1, after every choice was made on validation. `more_views`: the same test images under other views
+        (test-time augmentation, Level 3's mirror), averaged with `batches` by common.training.average_views."""
         from common import training
 
         self.metrics["test_evaluations"] = self.metrics.get("test_evaluations", 0) + 1
-        result = training.evaluate(model, batches, device, precision)
+        result = training.average_views([training.evaluate(model, b, device, precision) for b in (batches, *more_views)])
         # every test image's logits, in order: a later level pairs its own right/wrong with these, image by image
         # (common.stats.compare_with_level), and `run.py predict` can be checked against them
         if is_main_process():

@@ -74,6 +74,9 @@ def compare_runs(metrics: dict, root: Path, earlier: dict, earlier_root: Path, n
               if theirs.get(key) != ours.get(key)]
     unlike += [f"{key} {earlier.get(key)} there, {metrics.get(key)} here"
                for key in ("train_size", "test_size", "quick") if earlier.get(key) != metrics.get(key)]
+    views = [m.get("test_views") or ["identity"] for m in (earlier, metrics)]  # test-time augmentation
+    if views[0] != views[1]:
+        unlike.append(f"test views {'+'.join(views[0])} there, {'+'.join(views[1])} here")
     if "augmentation" in earlier and bool(earlier["augmentation"]) != bool(metrics.get("augmentation")):
         unlike.append(f"{'with' if earlier['augmentation'] else 'without'} augmentation there, "
                       f"{'with' if metrics.get('augmentation') else 'without'} here")

@@ -479,6 +479,18 @@ def evaluate(model: nn.Module, batches, device: torch.device, precision: Precisi
     return Evaluation(loss, accuracy, logits.cpu(), labels.cpu())
 
 
+def average_views(evaluations: list[Evaluation]) -> Evaluation:
+    """One prediction from the same images seen under several views (test-time augmentation): the mean of the
+    views' softmax probabilities. Its `logits` are that mean's log, so that argmax, cross-entropy and a later
+    softmax are those of the averaged prediction. One view: that view's Evaluation itself."""
+    if len(evaluations) == 1:
+        return evaluations[0]
+    probabilities = torch.stack([e.logits.float().softmax(1) for e in evaluations]).mean(0)
+    logits, labels = probabilities.clamp_min(1e-12).log(), evaluations[0].labels
+    return Evaluation(F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item(),
+                      logits, labels)
+
+
 @dataclass
 class FitResult:
     history: list[dict] = field(default_factory=list)

@@ -15,7 +15,8 @@ What changed since Level 2
     decay 1e-4, cosine, 12 epochs, with Level 2's per-image augmentation and training call, both from
     common/finetuning.py). The evaluation: precision, recall and F1 per class (scikit-learn), a normalised
     confusion matrix, and findings written from the numbers: the best and worst classes, the most confused
-    pairs, and the change against Level 2, saying when a difference is within noise.
+    pairs, and the change against Level 2, saying when a difference is within noise. The test prediction: each
+    image's and its mirror's probabilities averaged (test-time augmentation), where validation says it helps.
 
 Which weights
     resnet50.tv_in1k (torchvision's), as in Levels 1 and 2: the SE block is then the only change from Level 2.
@@ -64,7 +65,7 @@ from common.plots import plot_confusion_matrix, plot_gradcam, plot_se_gates, plo
 from common.results import LevelRun
 from common.stats import compare_with_level, describe, difference, standard_error
 from common.saliency import grad_cam
-from common.training import SetupError, count_parameters, model_input
+from common.training import SetupError, average_views, count_parameters, evaluate, model_input
 
 # ----------------------------------------------------------------------------------------------------------
 #                                            Hyperparameters
@@ -84,6 +85,7 @@ class Hyperparameters:
     reduction: int = 16  # try 4 or 64: the SE bottleneck, C -> C/r -> C (smaller r: a bigger, stronger block)
     se_in_layer4: bool = False  # try --se-in-layer4: an SE block inside each block of the last stage too
     augment: bool = True  # Level 2's per-image flip, 4-pixel-padded crop and colour jitter
+    tta: bool = True  # also predict each test image's mirror and average, if that helps on validation (--no-tta)
     brightness: float = 0.2
     contrast: float = 0.2
     saturation: float = 0.2
@@ -264,8 +266,28 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
              se_trained=all(not torch.equal(a.cpu(), b.cpu()) for a, b in zip(se_before, se_after)))
 
     # ------------------------------------------------------------------------------------------------------
+    #                        Test-time augmentation (TTA), chosen on validation
+    # A photograph and its mirror are equally likely, and the network trained on both (the random flip), so its
+    # two predictions of one image make partly independent mistakes: averaging their probabilities cancels some
+    # of them, for a second forward pass. Whether it helps this model is a question for the validation set,
+    # never the test set. (Level 4 goes further: more views, and several models.)
+    if hp.tta:
+        plain, mirrored = (evaluate(model, evaluation_batches(images, "val", model, hp, mirrored=m), device, precision)
+                           for m in (False, True))
+        both = average_views([plain, mirrored])
+        use_mirror = both.accuracy > plain.accuracy
+        metrics["tta"] = dict(views=["identity", "flip"], val_accuracy_plain=plain.accuracy,
+                              val_accuracy_mirrored=mirrored.accuracy, val_accuracy_tta=both.accuracy,
+                              used=use_mirror)
+        metrics["val_accuracy"] = both.accuracy if use_mirror else plain.accuracy  # the chosen predictor's
+    else:
+        use_mirror = False
+    metrics["test_views"] = ["identity", "flip"] if use_mirror else ["identity"]
+
+    # ------------------------------------------------------------------------------------------------------
     #                                 Evaluate: the test set, once
-    test = run.evaluate_test(model, evaluation_batches(images, "test", model, hp), device, precision)
+    test = run.evaluate_test(model, evaluation_batches(images, "test", model, hp), device, precision,
+                             *([evaluation_batches(images, "test", model, hp, mirrored=True)] if use_mirror else []))
     metrics.update(test_accuracy=test.accuracy, test_loss=test.loss)
 
     # ------------------------------------------------------------------------------------------------------
@@ -321,7 +343,8 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
     ]
     mean, std = model.pretrained_cfg.get("mean"), model.pretrained_cfg.get("std")
     run.save_model(model.state_dict(), kind="se", model=hp.model, img_size=hp.img_size, mean=mean, std=std,
-                   reduction=hp.reduction, se_in_layer4=hp.se_in_layer4, pretrained_tag=metrics["pretrained_tag"])
+                   reduction=hp.reduction, se_in_layer4=hp.se_in_layer4, pretrained_tag=metrics["pretrained_tag"],
+                   tta_views=metrics["test_views"])  # run.py predict averages the same views
 
 
 def bench_recipes(overrides: dict) -> list:
@@ -470,6 +493,12 @@ def findings_text(metrics: dict, level2_text: str) -> str:
         f"- The trained model holds {metrics['se_blocks']} SE block(s) ({metrics['se_parameters']:,} parameters"
         f"{', trained' if metrics.get('se_trained') else ', unchanged by training'}).",
     ]
+    tta = metrics.get("tta")
+    if tta:
+        lines.append(
+            f"- Test-time augmentation, chosen on validation: {100 * tta['val_accuracy_plain']:.2f}% plain, "
+            f"{100 * tta['val_accuracy_tta']:.2f}% averaged with each image's mirror, so the test set was predicted "
+            + ("with the mirror (two forward passes per image)." if tta["used"] else "plain (the mirror did not help)."))
     gates = metrics.get("se_gates")
     if gates:
         d = gates["most_different"]

@@ -141,8 +141,9 @@ def test_findings_name_the_classes_the_numbers_point_to(level3_run):
     assert set(top["pair"]) == {CLASSES[i], CLASSES[j]}
     assert top["count"] == counts[i, j] + counts[j, i]
     f1 = {c["class"]: c["f1"] for c in m["per_class"]}
-    assert m["findings"]["best_classes"][0]["class"] == max(f1, key=f1.get)
-    assert m["findings"]["worst_classes"][0]["class"] == min(f1, key=f1.get)
+    # on 20 images a class, two classes can tie: the named one must have the best (worst) F1, whichever it is
+    assert f1[m["findings"]["best_classes"][0]["class"]] == max(f1.values())
+    assert f1[m["findings"]["worst_classes"][0]["class"]] == min(f1.values())
 
     summary = (out / "summary.md").read_text()
     findings = summary.split("### Findings")[1].split("###")[0]
