@@ -98,8 +98,7 @@ class LevelRun:
         check_writable(self.out_dir)
         seed_everything(settings.seed)
         device = select_device(settings.device)
-        configure_backends(device, settings.deterministic)
-        self.metrics["environment"] = environment(device)
+        self.metrics["environment"] = dict(environment(device), **configure_backends(device, settings.deterministic))
         self.device = device
         self.compile = self._resolve_compile(settings)
         return device
