@@ -623,14 +623,18 @@ def readme_speed(results_dir: Path) -> list[str]:
             cells = ["—" if r["speeds"].get(k) is None else f"{r['speeds'][k]:,.0f}"
                      for k in ("eager-fp32", "eager-bf16", "compiled-fp32", "compiled-bf16")]
             compile_s = ", ".join(f"{v['compile_seconds']:.0f} s" for v in (r.get("compile_payback") or {}).values())
+            baseline = r.get("default_allocator_eager_fp32")  # benchmarks before keep_freed_memory() lack it
+            gain = (r.get("speedup_over_default_allocator") or {}).get(chosen_mode(r))
             lines.append(f"| {r['name']} | {r['model']} @ {r['img_size']} px, batch {r['batch_size']} | "
+                         + ("—" if baseline is None else f"{baseline:,.0f}") + " | "
                          + " | ".join(cells) + f" | {compile_s or '—'} | {r['fraction_of_peak']:.0%} | "
-                         f"{chosen_mode(r)} | {report['device']} | [record]({path.relative_to(Path(results_dir).parent).as_posix()}) |")
+                         f"{chosen_mode(r)}" + ("" if gain is None else f" ({gain:.2f}x)")
+                         + f" | {report['device']} | [record]({path.relative_to(Path(results_dir).parent).as_posix()}) |")
     if not lines:
         return ["No benchmark has been kept yet (`python run.py bench --profile cpu`, then copy its bench.json "
                 "into results/cpu/bench/)."]
-    return ["| recipe | model | eager fp32 | eager bf16 | compiled fp32 | compiled bf16 | compile | of peak "
-            "| the levels use | hardware | |", "|---|---|---|---|---|---|---|---|---|---|---|", *lines]
+    return ["| recipe | model | baseline | eager fp32 | eager bf16 | compiled fp32 | compiled bf16 | compile | of peak "
+            "| the levels use (÷ baseline) | hardware | |", "|---|---|---|---|---|---|---|---|---|---|---|---|", *lines]
 
 
 def _replace_block(text: str, name: str, body: list[str]) -> str:

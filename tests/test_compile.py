@@ -59,5 +59,13 @@ def test_bench_profile_cpu_times_each_recipe_four_ways(cifar_dir, tmp_path):
     # inference by batch size: the recipe's own batch against the GPU recipes' 256, both measured
     assert set(row["eval_batch_speeds"]) == {str(row["eval_batch_size"]), "256"}
     assert all(speed > 0 for speed in row["eval_batch_speeds"].values())
+    # the baseline first, eager fp32 with glibc's default allocator; then the levels' allocator, recorded
+    assert row["default_allocator_eager_fp32"] > 0
+    assert row["speedup_over_default_allocator"]["eager-fp32"] == row["speeds"]["eager-fp32"] / row[
+        "default_allocator_eager_fp32"]
+    assert report["environment"]["allocator"].startswith("glibc malloc keeps freed memory")
+    assert any(t["target"].startswith("Level 4: cifarnet: the chosen way ≥ 1.5x eager fp32 with glibc's default")
+               for t in report["targets"])
     bench_md = (tmp_path / "bench.md").read_text()
+    assert "eager fp32, default allocator" in bench_md
     assert "each recipe four ways" in bench_md and "by batch size" in bench_md
