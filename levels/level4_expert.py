@@ -60,7 +60,7 @@ from common import cifarnet
 from common.augment import autoaugment_cifar10, random_crop_flip, tta_views
 from common.cli import parse_args
 from common.io import save_npz_atomic
-from common.members import member_names, member_weights
+from common.members import member_names, member_network, member_seed_offset, member_weights
 from common.models import create_model, normalization, zero_head
 from common.progress import TrainingDisplay
 from common.report import (
@@ -78,7 +78,8 @@ from common.training import (
 
 @dataclass
 class Hyperparameters:
-    # try two members, or your own mix of timm names: NAME+se puts Level 3's SE block on NAME
+    # try two members, or your own mix of timm names: NAME+se puts Level 3's SE block on NAME; NAME#2 adds a second
+    # copy of NAME trained with the next seed (a seed ensemble: compare its disagreement with an architecture's)
     models: str = "resnet50+se,efficientnet_b0,vit_small_patch16_224"
     model: str | None = None  # the common --model flag: one timm model, the same as --models NAME
     epochs: int = 8  # try 3: how much of the ensemble's gain over its best member is left?
@@ -156,7 +157,7 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
     # ------------------------------------------------------------------------------------------------------
     #                                              Setup
     members = member_names(hp.models)
-    described = [f"{n} (from scratch)" if n == CIFARNET else f"fine-tuned {n}" for n in members]
+    described = [f"{n} (from scratch)" if member_network(n) == CIFARNET else f"fine-tuned {n}" for n in members]
     metrics["approach"] = APPROACH.format(tta=" + TTA" if hp.tta else "", members=", ".join(described))  # before any write
     weights = member_weights(settings.weights, members)
     check_recipe(hp)
@@ -178,7 +179,7 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
     predictions: dict[str, dict] = {}
     saved_members = []
     for number, name in enumerate(members, start=1):
-        member_views = cifarnet_views if name == CIFARNET else views
+        member_views = cifarnet_views if member_network(name) == CIFARNET else views
         predictions[name], saved = run_member(run, number, len(members), name, weights[name], images,
                                               member_views, settings, hp, device)
         saved_members.append(saved)
@@ -236,6 +237,7 @@ def build_member(name: str, pretrained: bool, weights: str | None, hp: Hyperpara
     """
     import timm
 
+    name = member_network(name)  # a copy (NAME#2) is NAME's network
     if name == CIFARNET:
         if weights:
             raise SetupError(f"--weights names {CIFARNET}, which trains from scratch: it has no pretrained weights.")
@@ -270,7 +272,7 @@ def run_member(run: LevelRun, number: int, count: int, name: str, weights: str |
     """Train member `name` (with --resume, from its last finished epoch; a finished member is not trained again)
     and return its probabilities per split and view, and what model.pt needs to rebuild it."""
     metrics = run.metrics
-    from_scratch = name == CIFARNET
+    from_scratch = member_network(name) == CIFARNET
     model = build_member(name, settings.pretrained, weights, hp)
     precision = run.precision_for(model, key=name)  # can differ per member (see common.training.select_precision)
     init = "random" if from_scratch else weights or ("imagenet" if settings.pretrained else "random")
@@ -282,7 +284,9 @@ def run_member(run: LevelRun, number: int, count: int, name: str, weights: str |
     title = f"Member {number}/{count}: {name} at {img_size}px on {metrics['environment']['device']}"
     with TrainingDisplay(title, epochs) as display:
         train = train_cifarnet if from_scratch else train_member
-        settings = dataclasses.replace(settings, compile=run.compile)  # --compile where it works here
+        # --compile where it works here; a copy (NAME#2) with its own seed: its own data order and draws
+        settings = dataclasses.replace(settings, compile=run.compile, seed=settings.seed + member_seed_offset(name))
+        record["seed"] = settings.seed
         result = train(model, images, settings, hp, device, precision, display, record["history"],
                        checkpoint=run.checkpoint(f"member {name}", member=name, init=init),
                        on_epoch_end=run.epoch_done)
@@ -298,8 +302,8 @@ def run_member(run: LevelRun, number: int, count: int, name: str, weights: str |
     n_test = len(images["test"][0])
     record.update(images_per_second=n_test / seconds["test"]["identity"],
                   tta_images_per_second=n_test / sum(seconds["test"].values()))
-    kind = CIFARNET if from_scratch else "se" if name.endswith("+se") else "timm"
-    saved = dict(name=name, kind=kind, model=name.removesuffix("+se"), img_size=img_size, mean=list(mean),
+    kind = CIFARNET if from_scratch else "se" if member_network(name).endswith("+se") else "timm"
+    saved = dict(name=name, kind=kind, model=member_network(name).removesuffix("+se"), img_size=img_size, mean=list(mean),
                  std=list(std), reduction=hp.se_reduction, se_in_layer4=False, drop_path=hp.drop_path,
                  widths=list(cifarnet.parse_widths(hp.cifarnet_widths)), views=list(views),
                  state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()})
@@ -378,6 +382,7 @@ def bench_recipes(overrides: dict) -> list:
     steps = (["AutoAugment (CIFAR-10 policy, per image, on the device)"] if hp.autoaugment else []) + \
         ["crop + flip"] + (["MixUp/CutMix"] if mix else [])
     names = [overrides["model"]] if overrides.get("model") else member_names(hp.models)
+    names = list(dict.fromkeys(member_network(n) for n in names))  # a copy (NAME#2) trains as fast as NAME
     recipes = [Recipe(4, f"Level 4: {name}", name, hp.img_size, hp.batch_size, hp.eval_batch_size, "all",
                       ", ".join(steps), lambda name=name: build_member(name, False, None, hp), hp.optimizer, hp.lr,
                       hp.weight_decay, augment=lambda x: augment(x, hp), mix=mix, loss_fn=loss_fn)

@@ -91,6 +91,27 @@ def test_predict_rebuilds_cifarnet_and_gives_the_levels_own_probabilities(cifar_
     assert "cifarnet" in result.stdout and "true class" in result.stdout
 
 
+def test_a_second_copy_trains_with_the_next_seed_and_votes(cifar_dir, tmp_path):
+    """--models cifarnet,cifarnet#2: a seed ensemble. The copy is the same network and recipe with --seed + 1, so
+    it learns differently and the two disagree on some images; run.py predict rebuilds both."""
+    tiny = ["--quick", "--models", "cifarnet,cifarnet#2", "--train-size", "400", "--val-size", "100", "--test-size",
+            "100", "--cifarnet-epochs", "2", "--cifarnet-batch-size", "100", "--cifarnet-widths", "16,32,32"]
+    result = run_cli("run.py", "level", "4", *tiny, "--data-dir", str(cifar_dir), "--out-dir", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    m = json.loads((tmp_path / "level4" / "metrics.json").read_text())
+    first, copy = m["members"]["cifarnet"], m["members"]["cifarnet#2"]
+    assert (first["seed"], copy["seed"]) == (42, 43) and copy["init"] == "random" and copy["img_size"] == 32
+    assert _untimed(first["history"]) != _untimed(copy["history"])
+    saved = torch.load(tmp_path / "level4" / "model.pt", weights_only=True)
+    assert [(e["name"], e["kind"], e["model"]) for e in saved["members"]] == [
+        ("cifarnet", "cifarnet", "cifarnet"), ("cifarnet#2", "cifarnet", "cifarnet")]
+    probs = np.load(tmp_path / "level4" / "predictions.npz")
+    assert not np.array_equal(probs["cifarnet|test"], probs["cifarnet#2|test"])
+    predicted = run_cli("run.py", "predict", "--level", "4", "--out-dir", str(tmp_path), "--test-index", "3",
+                        "--data-dir", str(cifar_dir), timeout=120)
+    assert predicted.returncode == 0 and "cifarnet#2" in predicted.stdout, predicted.stdout + predicted.stderr
+
+
 def test_whitening_layer_decorrelates_patches(cifar_dir):
     """After init_whitening, the first layer's 12 positive filters map 2x2 patches to unit-variance, uncorrelated
     outputs: their covariance on the same images is the identity (up to the eps that keeps it finite)."""

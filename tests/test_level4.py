@@ -233,6 +233,18 @@ def test_flag_errors_are_messages():
     assert member_weights("one.pth", ["efficientnet_b0"]) == {"efficientnet_b0": "one.pth"}
     with pytest.raises(SetupError, match="twice"):
         member_names("efficientnet_b0,efficientnet_b0")
+    # NAME#K: the K-th copy of NAME, its network and (unless given its own) its weights, with --seed + K - 1
+    from common.members import member_network, member_seed_offset
+
+    assert member_names("cifarnet,cifarnet#2,efficientnet_b0") == ["cifarnet", "cifarnet#2", "efficientnet_b0"]
+    assert [member_network(n) for n in ("cifarnet#2", "resnet50+se#3", "resnet50+se")] == ["cifarnet", "resnet50+se",
+                                                                                           "resnet50+se"]
+    assert [member_seed_offset(n) for n in ("cifarnet", "cifarnet#2", "resnet50+se#3")] == [0, 1, 2]
+    for bad in ("cifarnet#1", "cifarnet#x", "cifarnet#"):
+        with pytest.raises(SetupError, match="NAME#2"):
+            member_names(f"efficientnet_b0,{bad}")
+    assert member_weights("efficientnet_b0=b0.pth", ["efficientnet_b0", "efficientnet_b0#2"]) == {
+        "efficientnet_b0": "b0.pth", "efficientnet_b0#2": "b0.pth"}
 
 
 TINY = ["--quick", "--no-pretrained", "--models", "efficientnet_lite0", "--img-size", "32", "--train-size", "64",
