@@ -112,7 +112,8 @@ class Hyperparameters:
 # `cifarnet`, trained from scratch at 32 px (common/cifarnet.py) with airbench94's widths 64,256,256 for 16 epochs,
 # and EfficientNet-Lite0 with Level 3's SE block, ImageNet-pretrained, fine-tuned in full at 128 px for 5 epochs (lr
 # and weight decay are Level 2's CPU recipe). Why these, measured on a 2-core AMD EPYC with AVX-512 and bf16 hardware
-# (results/cpu/bench/cpu-profile-avx512-bf16.json): cifarnet trains at 898 img/s in bf16 with widths 64,128,128 and
+# (the bench kept before the allocator change, commit afdccfb; the kept one now has lite0+SE at 88 img/s and cifarnet
+# 64,256,256 at 529 with the memory kept, results/cpu/bench/cpu-profile-avx512-bf16.json): cifarnet trains at 898 img/s in bf16 with widths 64,128,128 and
 # 483 with 64,256,256 (fp32: 452 and 234), so airbench94's wider network fits, and for 16 epochs rather than
 # airbench's 10 (a longer schedule for the smaller, lossy data set; a judgment) it costs about 22 min; lite0+SE trains
 # at 61-64 img/s however it runs (bf16 and compile gain nothing for its depthwise convolutions), 10.6 min an epoch, so
