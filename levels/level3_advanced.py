@@ -499,7 +499,8 @@ def findings_text(metrics: dict, level2_text: str) -> str:
         lines.append(
             f"- Test-time augmentation, chosen on validation: {100 * tta['val_accuracy_plain']:.2f}% plain, "
             f"{100 * tta['val_accuracy_tta']:.2f}% averaged with each image's mirror, so the test set was predicted "
-            + ("with the mirror (two forward passes per image)." if tta["used"] else "plain (the mirror did not help)."))
+            + ("with the mirror (two forward passes per image)." if tta["used"]
+               else "plain (the mirror did not help)."))
     gates = metrics.get("se_gates")
     if gates:
         d = gates["most_different"]

@@ -113,25 +113,26 @@ class Hyperparameters:
 # and EfficientNet-Lite0 with Level 3's SE block, ImageNet-pretrained, fine-tuned in full at 128 px for 5 epochs (lr
 # and weight decay are Level 2's CPU recipe). Why these, measured on a 2-core AMD EPYC with AVX-512 and bf16 hardware
 # (the bench kept before the allocator change, commit afdccfb; the kept one now has lite0+SE at 88 img/s and cifarnet
-# 64,256,256 at 529 with the memory kept, results/cpu/bench/cpu-profile-avx512-bf16.json): cifarnet trains at 898 img/s in bf16 with widths 64,128,128 and
-# 483 with 64,256,256 (fp32: 452 and 234), so airbench94's wider network fits, and for 16 epochs rather than
-# airbench's 10 (a longer schedule for the smaller, lossy data set; a judgment) it costs about 22 min; lite0+SE trains
-# at 61-64 img/s however it runs (bf16 and compile gain nothing for its depthwise convolutions), 10.6 min an epoch, so
-# 5 epochs: its validation accuracy still rose by 1.0-1.6 points an epoch at epoch 3 of the earlier 3-epoch profile
-# (83.9, 88.2, 89.2%), and Level 3's 5 epochs of it reached 91.0%. On the 2-core EPYC *without* AVX-512 (AVX2, fp32
-# only) the same profile is about twice as slow; there --cifarnet-widths 64,128,128 --cifarnet-epochs 10 --epochs 3 is
-# the earlier profile (68.7 min of training, 90.37% test, docs/results-history.md). Why not the three lites of the
-# profile before it: on a 2-core Xeon (AMX) lite0+SE, lite1 and lite2 took 163 min of training for 91.19% (members
-# 89.9-90.6%, the vote only +0.73 over the best member: one family makes the same mistakes), and a third pretrained
-# member does not fit 2 hours here. MixUp and CutMix are off: they slow convergence and pay off over schedules of
-# hundreds of epochs, and 5 epochs is the opposite end (a judgment, not measured here; --mixup --cutmix puts them
-# back). AutoAugment, label smoothing and stochastic depth stay on. Inference in batches of 16, as in Levels 1-3
-# (pretrained lite0 at 128 px infers 2.4x faster than in batches of 256 on the AVX2 EPYC, 1.5x on the AVX-512 one).
-# cifarnet is underconfident (airbench's label smoothing of 0.2), so each member is calibrated by a temperature before
-# the vote. Measured, one run on the AVX-512 EPYC, the shared JPEG copy (results/cpu/level4.json): 71.3 min of
-# training (cifarnet 21.1, lite0+SE 50.2), 77.8 min in all; members with TTA 90.63% (cifarnet) and 90.93% (lite0+SE),
-# disagreeing on 10.7% of the test images; weights 0.42 / 0.58 after calibration; the weighted vote + TTA 92.40%
-# validation, 92.11% test, +1.18 points over lite0+SE (7.1 paired standard errors). The 93% bar is missed by 0.89.
+# 64,256,256 at 529 with the memory kept, results/cpu/bench/cpu-profile-avx512-bf16.json): cifarnet trained at 898
+# img/s in bf16 with widths 64,128,128 and 483 with 64,256,256 (fp32: 452 and 234), so airbench94's wider network
+# fits, and for 16 epochs rather than airbench's 10 (a longer schedule for the smaller, lossy data set; a judgment) it
+# costs about 22 min; lite0+SE trained at 61-64 img/s however it ran (bf16 and compile gain nothing for its depthwise
+# convolutions), 10.6 min an epoch, so 5 epochs: its validation accuracy still rose by 1.0-1.6 points an epoch at
+# epoch 3 of the earlier 3-epoch profile (83.9, 88.2, 89.2%), and Level 3's 5 epochs of it reached 91.0%. On the
+# 2-core EPYC *without* AVX-512 (AVX2, fp32 only) the same profile is about twice as slow; there --cifarnet-widths
+# 64,128,128 --cifarnet-epochs 10 --epochs 3 is the earlier profile (68.7 min of training, 90.37% test,
+# docs/results-history.md). Why not the three lites of the profile before it: on a 2-core Xeon (AMX) lite0+SE, lite1
+# and lite2 took 163 min of training for 91.19% (members 89.9-90.6%, the vote only +0.73 over the best member: one
+# family makes the same mistakes), and a third pretrained member does not fit 2 hours here. MixUp and CutMix are off:
+# they slow convergence and pay off over schedules of hundreds of epochs, and 5 epochs is the opposite end (a
+# judgment, not measured here; --mixup --cutmix puts them back). AutoAugment, label smoothing and stochastic depth
+# stay on. Inference in batches of 16, as in Levels 1-3 (pretrained lite0 at 128 px infers 2.4x faster than in batches
+# of 256 on the AVX2 EPYC, 1.5x on the AVX-512 one). cifarnet is underconfident (airbench's label smoothing of 0.2),
+# so each member is calibrated by a temperature before the vote. Measured, one run on the AVX-512 EPYC, the shared
+# JPEG copy (results/cpu/level4.json): 71.3 min of training (cifarnet 21.1, lite0+SE 50.2), 77.8 min in all; members
+# with TTA 90.63% (cifarnet) and 90.93% (lite0+SE), disagreeing on 10.7% of the test images; weights 0.42 / 0.58 after
+# calibration; the weighted vote + TTA 92.40% validation, 92.11% test, +1.18 points over lite0+SE (7.1 paired standard
+# errors). The 93% bar is missed by 0.89.
 CPU_PROFILE = dict(models="cifarnet,efficientnet_lite0+se", model=None, img_size=128, eval_batch_size=16,
                    epochs=5, lr=1e-3, weight_decay=0.05, mixup=False, cutmix=False,
                    cifarnet_widths="64,256,256", cifarnet_epochs=16)
@@ -304,8 +305,8 @@ def run_member(run: LevelRun, number: int, count: int, name: str, weights: str |
     record.update(images_per_second=n_test / seconds["test"]["identity"],
                   tta_images_per_second=n_test / sum(seconds["test"].values()))
     kind = CIFARNET if from_scratch else "se" if member_network(name).endswith("+se") else "timm"
-    saved = dict(name=name, kind=kind, model=member_network(name).removesuffix("+se"), img_size=img_size, mean=list(mean),
-                 std=list(std), reduction=hp.se_reduction, se_in_layer4=False, drop_path=hp.drop_path,
+    saved = dict(name=name, kind=kind, model=member_network(name).removesuffix("+se"), img_size=img_size,
+                 mean=list(mean), std=list(std), reduction=hp.se_reduction, se_in_layer4=False, drop_path=hp.drop_path,
                  widths=list(cifarnet.parse_widths(hp.cifarnet_widths)), views=list(views),
                  state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()})
     del model
