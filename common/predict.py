@@ -147,26 +147,23 @@ def load_saved_model(path: Path, builders: dict[str, Builder] | None = None, dev
                            f"expected '{MODEL_FORMAT}').")
     builders, classes = builders or {}, list(saved["classes"])
     kind = saved.get("kind")
+    # the test-time views the level averaged: Level 4's per member (a member's own views win), Level 3's mirror
+    views = tuple(saved.get("tta_views") or ("identity",))
+    entries = saved["members"] if kind == "ensemble" else [saved]
+    member_views = [tuple(e.get("views") or views) for e in entries]
+    known = list(tta_views(tta=True, shifts=True, translates=True))
+    unknown = sorted({v for vs in member_views for v in vs if v not in known})
+    if unknown:
+        raise PredictError(f"'{path}' asks for test-time views {unknown}; this command knows {known}.")
     if kind == "ensemble":
         votes = saved.get("vote_weights") or {}
-        entries = saved["members"]
         raw = [float(votes.get(e["name"], 1.0)) for e in entries]
         temperatures = saved.get("vote_temperatures") or {}  # each member's calibration (1.0: none)
-        views = tuple(saved.get("tta_views") or ("identity",))
-        member_views = [tuple(e.get("views") or views) for e in entries]  # a member's own views win
-        known = list(tta_views(tta=True, shifts=True, translates=True))
-        unknown = sorted({v for vs in member_views for v in vs if v not in known})
-        if unknown:
-            raise PredictError(f"'{path}' asks for test-time views {unknown}; this command knows {known}.")
         members = [_member(e, len(classes), builders, e["name"], w / sum(raw), device, vs,
                            float(temperatures.get(e["name"], 1.0))) for e, w, vs in zip(entries, raw, member_views)]
         description = "ensemble of " + ", ".join(
             f"{m.name} ({m.weight:.2f}{f', {len(m.views)} views' if len(m.views) > 1 else ''})" for m in members)
     else:
-        views = tuple(saved.get("tta_views") or ("identity",))  # Level 3 may average each image with its mirror
-        known = list(tta_views(tta=True))
-        if any(v not in known for v in views):
-            raise PredictError(f"'{path}' asks for test-time views {list(views)}; this command knows {known}.")
         members = [_member(saved, len(classes), builders, saved.get("model", "model"), 1.0, device, views)]
         description = (saved.get("model", "?") + (" + SE" if kind == "se" else "") + f" at {saved.get('img_size')} px"
                        + (f", {len(views)} views ({', '.join(views)})" if len(views) > 1 else ""))

@@ -274,7 +274,8 @@ def run_member(run: LevelRun, number: int, count: int, name: str, weights: str |
     """Train member `name` (with --resume, from its last finished epoch; a finished member is not trained again)
     and return its probabilities per split and view, and what model.pt needs to rebuild it."""
     metrics = run.metrics
-    from_scratch = member_network(name) == CIFARNET
+    network = member_network(name)  # a copy (NAME#2) is NAME's network, trained with its own seed
+    from_scratch = network == CIFARNET
     model = build_member(name, settings.pretrained, weights, hp)
     precision = run.precision_for(model, key=name)  # can differ per member (see common.training.select_precision)
     init = "random" if from_scratch else weights or ("imagenet" if settings.pretrained else "random")
@@ -304,8 +305,8 @@ def run_member(run: LevelRun, number: int, count: int, name: str, weights: str |
     n_test = len(images["test"][0])
     record.update(images_per_second=n_test / seconds["test"]["identity"],
                   tta_images_per_second=n_test / sum(seconds["test"].values()))
-    kind = CIFARNET if from_scratch else "se" if member_network(name).endswith("+se") else "timm"
-    saved = dict(name=name, kind=kind, model=member_network(name).removesuffix("+se"), img_size=img_size,
+    kind = CIFARNET if from_scratch else "se" if network.endswith("+se") else "timm"
+    saved = dict(name=name, kind=kind, model=network.removesuffix("+se"), img_size=img_size,
                  mean=list(mean), std=list(std), reduction=hp.se_reduction, se_in_layer4=False, drop_path=hp.drop_path,
                  widths=list(cifarnet.parse_widths(hp.cifarnet_widths)), views=list(views),
                  state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()})
