@@ -198,7 +198,7 @@ def test_expected_calibration_error_matches_a_hand_worked_example():
 
 
 def test_training_augmentation_is_autoaugment_then_crop_and_flip_per_image(cifar_dir):
-    from common.augment import autoaugment_cifar10, random_crop_flip
+    from common.augment import autoaugment_cifar10, color_jitter, random_crop_flip
     from common.data import load_splits
     from levels.level4_expert import Hyperparameters, augment
 
@@ -214,6 +214,10 @@ def test_training_augmentation_is_autoaugment_then_crop_and_flip_per_image(cifar
     plain = augment(same, Hyperparameters(autoaugment=False))
     torch.manual_seed(0)
     assert torch.equal(plain, random_crop_flip(same)) and not torch.equal(plain, batch)  # --no-autoaugment
+    torch.manual_seed(0)
+    jittered = augment(same, Hyperparameters(autoaugment=False, color_jitter=True))  # the CPU profile's
+    torch.manual_seed(0)
+    assert torch.equal(jittered, color_jitter(random_crop_flip(same))) and not torch.equal(jittered, plain)
 
 
 def test_flag_errors_are_messages():
