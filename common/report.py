@@ -316,7 +316,8 @@ def render_ensemble_report(metrics: dict, title: str) -> str:
            if cfg["mixup"] or cfg["cutmix"] else "(cross-entropy against the labels, no mixing)")
         + f", label smoothing {cfg['label_smoothing']}, stochastic depth (drop path) "
         f"{cfg['drop_path']}, AutoAugment CIFAR-10 policy {'on' if cfg['autoaugment'] else 'off'} (per image at "
-        "32×32, before the random crop and flip, then the resize).",
+        "32×32, before the random crop and flip, then the resize), Level 2's colour jitter "
+        f"{'on' if cfg.get('color_jitter') else 'off'} (after the crop and flip).",
         f"- **Test-time augmentation**: views {', '.join(metrics['tta_views'])}"
         + "".join(f"; {n}: {', '.join(r['tta_views'])}" for n, r in metrics["members"].items()
                   if r.get("tta_views") and r["tta_views"] != metrics["tta_views"])

@@ -262,8 +262,12 @@ def _members_trained_judge(m: dict, level_dir: Path) -> Verdict:
     ok = len(done) >= 3
     detail = ", ".join(f"{n} ({len(members[n].get('history', []))} epoch(s)"
                        f"{', resumed' if members[n].get('resumed_epochs') else ''})" for n in done)
+    from common.members import member_network
+
+    networks = len({member_network(n) for n in done})  # NAME#2 is NAME's network again, with another seed
+    copies = f"; {networks} different networks (NAME#2: a copy with another seed)" if networks < len(done) else ""
     return Verdict(PASS if ok else FAIL, f"{len(done)} model(s) trained and saved in `{m.get('model_file')}`: "
-                                         f"{detail or 'none'}")
+                                         f"{detail or 'none'}{copies}")
 
 
 def _ensemble_judge(m: dict, _: Path) -> Verdict:

@@ -15,7 +15,8 @@ What changed since Level 3
     - Regularization, each switchable: MixUp and CutMix with label smoothing (timm's Mixup and its
       soft-target loss; --no-mixup, --no-cutmix, --label-smoothing), stochastic depth (timm's drop_path_rate;
       --drop-path 0), AutoAugment with the CIFAR-10 policy (--no-autoaugment): every image draws its own
-      sub-policy, at 32x32, on the device, like the crop and flip (common/augment.py; no CPU workers).
+      sub-policy, at 32x32, on the device, like the crop and flip (common/augment.py; no CPU workers); or
+      Level 2's colour jitter instead (--no-autoaugment --color-jitter, the CPU profile's choice).
     - Ensembles: soft voting, and weighted soft voting fitted on validation (--weighting logloss|accuracy), each
       member calibrated first by a temperature fitted on validation.
     - Test-time augmentation: the mirror image (and with --tta-shifts four 2-pixel shifts) for every member
@@ -34,7 +35,7 @@ Run
     python levels/level4_expert.py --quick --no-pretrained   # smoke profile for a CPU
     python levels/level4_expert.py --resume          # after a crash: from each member's last finished epoch
     python levels/level4_expert.py --profile cpu --weights efficientnet_lite0+se=L0   # the whole data set on a
-                                                     # CPU: cifarnet + lite0+SE (see CPU_PROFILE)
+                                                     # CPU: cifarnet + two lite0+SE (CPU_PROFILE)
     python levels/level4_expert.py --profile cpu --models cifarnet   # the from-scratch member alone, on a CPU
     python levels/level4_expert.py --models efficientnet_lite0,resnet18 \\
         --weights efficientnet_lite0=FILE --no-pretrained     # offline: local weights for some members

@@ -181,6 +181,16 @@ def test_level4_at_least_three_members(tmp_path, change, mark):
     assert mark_found == mark, evidence
 
 
+def test_level4_three_members_say_when_one_is_a_seed_copy(tmp_path):
+    m = level4()
+    m["members"]["resnet50+se#2"] = m["members"].pop(MEMBERS[-1])  # three models, two networks
+    write(tmp_path, m)
+    (tmp_path / "level4" / "model.pt").write_bytes(b"weights")
+    mark, evidence = item(checklist(tmp_path), 4, "At least three models")
+    assert mark == "✅" and "3 model(s)" in evidence and "2 different networks" in evidence, evidence
+    assert "different networks" not in item(checklist(write(tmp_path, level4())), 4, "At least three models")[1]
+
+
 @pytest.mark.parametrize("off", [None, "mixup", "cutmix", "label_smoothing", "drop_path", "autoaugment"])
 def test_level4_modern_regularization(tmp_path, off):
     m = level4()
