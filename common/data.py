@@ -90,12 +90,17 @@ def _download(root: Path) -> Path:
     return root / "cifar-10-batches-py"
 
 
-def _fingerprint(files: list[Path], root: Path) -> str:
-    """Changes whenever a source file is added, removed, renamed, resized or rewritten (mtime)."""
+def _fingerprint(files: list[str | Path], root: Path) -> str:
+    """Changes whenever a source file is added, removed, renamed, resized or rewritten (mtime).
+
+    Plain strings and os.stat, not pathlib: for 60,000 files pathlib's parsing and comparisons cost seconds at
+    the start of every run."""
     digest = hashlib.sha256(str(root.resolve()).encode())
-    for f in files:
-        stat = f.stat()
-        digest.update(f"{f.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    prefix = os.path.join(os.fspath(root), "")
+    for f in map(os.fspath, files):
+        stat = os.stat(f)
+        relative = f[len(prefix):] if f.startswith(prefix) else os.path.relpath(f, root)
+        digest.update(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:20]
 
 
@@ -134,7 +139,7 @@ def _read_batches(files: dict[str, list[Path]]) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _imagefolder_files(folder: Path) -> dict[str, list[tuple[Path, int]]]:
+def _imagefolder_files(folder: Path) -> dict[str, list[tuple[str, int]]]:
     files = {}
     for part in ("train", "test"):
         part_dir = folder / part
@@ -150,15 +155,17 @@ def _imagefolder_files(folder: Path) -> dict[str, list[tuple[Path, int]]]:
             raise DataError(f"'{part_dir}' does not hold the ten CIFAR-10 classes ({problem}).\n{LAYOUTS_HELP}")
         entries = []
         for label, name in enumerate(CLASSES):
-            images = sorted(p for p in (part_dir / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            class_dir = os.path.join(part_dir, name)  # strings, as in _fingerprint: pathlib costs seconds here
+            images = sorted(entry.name for entry in os.scandir(class_dir)
+                            if os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES)
             if not images:
-                raise DataError(f"'{part_dir / name}' holds no .png or .jpg images.\n{LAYOUTS_HELP}")
-            entries += [(p, label) for p in images]
+                raise DataError(f"'{class_dir}' holds no .png or .jpg images.\n{LAYOUTS_HELP}")
+            entries += [(os.path.join(class_dir, image), label) for image in images]
         files[part] = entries
     return files
 
 
-def _decode(path: Path) -> np.ndarray:
+def _decode(path: str | Path) -> np.ndarray:
     from PIL import Image
 
     try:
@@ -176,7 +183,7 @@ def _decode(path: Path) -> np.ndarray:
     return pixels.transpose(2, 0, 1)
 
 
-def _read_imagefolder(files: dict[str, list[tuple[Path, int]]]) -> dict[str, np.ndarray]:
+def _read_imagefolder(files: dict[str, list[tuple[str, int]]]) -> dict[str, np.ndarray]:
     # Plain serial decoding: 60,000 tiny JPEGs take about 8 s on one core, and threads only add GIL contention.
     arrays = {}
     for part, entries in files.items():

@@ -23,10 +23,7 @@ def create_model(name: str, num_classes: int = 10, pretrained: bool = True, weig
 
     check_model_name(name)
     if weights is not None:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise SetupError(f"--weights '{weights}' does not exist or is not a file.")
-        pretrained, kwargs["pretrained_cfg_overlay"] = True, dict(file=str(path))
+        pretrained, kwargs["pretrained_cfg_overlay"] = True, dict(file=str(weight_file(weights)))
     try:
         return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
     except Exception as error:
@@ -41,6 +38,23 @@ def create_model(name: str, num_classes: int = 10, pretrained: bool = True, weig
                              f"{type(error).__name__}: {detail[:400]}") from None
         raise SetupError(f"Could not download the pretrained weights of {name} "
                          f"({type(error).__name__}: {str(error)[:300]}).\n{OFFLINE_HELP}") from None
+
+
+def weight_file(weights: str) -> Path:
+    """--weights FILE as a path, or a SetupError when there is no such file."""
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise SetupError(f"--weights '{weights}' does not exist or is not a file.")
+    return path
+
+
+def weight_files(flag: str | None) -> list[Path]:
+    """Every file that --weights names (FILE, or NAME=FILE pairs for Level 4), checked to exist: run at setup, so
+    that a mistyped path stops the run before the data loads, not after."""
+    if not flag:
+        return []
+    files = [item.split("=", 1)[1] if "=" in item else item for item in flag.split(",") if item.strip()]
+    return [weight_file(f) for f in files]
 
 
 def check_model_name(name: str, flag: str = "--model") -> None:

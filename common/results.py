@@ -20,6 +20,7 @@ from typing import Callable
 from common.data import DataError
 from common.distributed import is_main_process, world_size
 from common.io import OutputError, check_writable, safe_filename, save_npz_atomic, torch_save_atomic
+from common.models import weight_files
 from common.progress import console
 from common.records import metrics_path, this_process, write_metrics
 from common.summary import write_summary
@@ -96,6 +97,7 @@ class LevelRun:
         from common.training import configure_backends, seed_everything, select_device
 
         check_writable(self.out_dir)
+        weight_files(settings.weights)  # a mistyped --weights path: said now, before the data loads
         seed_everything(settings.seed)
         device = select_device(settings.device)
         self.metrics["environment"] = dict(environment(device), **configure_backends(device, settings.deterministic))

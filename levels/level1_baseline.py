@@ -100,7 +100,7 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
 
     # ------------------------------------------------------------------------------------------------------
     #                                              Setup
-    device = run.setup(settings)  # seeds, device, output folder check (see common/results.py)
+    device = run.setup(settings)  # seeds, device; the output folder and --weights files checked (common/results.py)
 
     # ------------------------------------------------------------------------------------------------------
     #                                              Data

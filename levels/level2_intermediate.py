@@ -149,7 +149,7 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
     # ------------------------------------------------------------------------------------------------------
     #                                              Setup
     check_scope(hp.fine_tune_scope)  # now: the arms that train the head alone would not find a typo in it
-    device = run.setup(settings)  # seeds, device, output folder check (see common/results.py)
+    device = run.setup(settings)  # seeds, device; the output folder and --weights files checked (common/results.py)
 
     # ------------------------------------------------------------------------------------------------------
     #                                              Data

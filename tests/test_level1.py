@@ -124,10 +124,14 @@ def test_offline_without_weights_is_a_message_naming_the_flags(cifar_dir, tmp_pa
     assert "--weights" in result.stdout and "--no-pretrained" in result.stdout
     assert not (tmp_path / "level1" / "metrics.json").exists()
 
-    for bad, expected in [(tmp_path / "missing.pth", "does not exist"), (tmp_path / "junk.pth", "could not be loaded")]:
+    # a missing file is found before the data loads: said even when --data-dir holds no CIFAR-10
+    (tmp_path / "no-data").mkdir()
+    (tmp_path / "no-data" / "notes.txt").write_text("not CIFAR-10")
+    for bad, expected, data in [(tmp_path / "missing.pth", "does not exist", tmp_path / "no-data"),
+                                (tmp_path / "junk.pth", "could not be loaded", cifar_dir)]:
         if bad.name == "junk.pth":
             bad.write_bytes(b"not a checkpoint")
-        result = run_cli("levels/level1_baseline.py", "--quick", "--data-dir", str(cifar_dir), "--weights", str(bad),
+        result = run_cli("levels/level1_baseline.py", "--quick", "--data-dir", str(data), "--weights", str(bad),
                          "--out-dir", str(tmp_path))
         assert result.returncode == 2 and expected in result.stdout, result.stdout + result.stderr
         assert "Traceback" not in result.stdout + result.stderr
