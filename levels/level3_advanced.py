@@ -97,7 +97,7 @@ class Hyperparameters:
 # on, plus the SE block, and one epoch more: 6 where Level 2 trains 5. (EfficientNet-Lite dropped EfficientNet's SE
 # blocks for mobile accelerators, so ours, on the final feature map as with ResNet50, is the network's only one.)
 # Why 6: at 5 epochs this recipe made 90.61% test on the whole data (2-core AVX2 EPYC, 98 min), under the 91% bar,
-# and within noise of Level 2's 90.79% (the SE block alone does not close the gap); the sixth epoch is the cheapest
+# and within noise of Level 2's 90.79% then (the SE block alone does not close the gap); the sixth epoch is the cheapest
 # change that fits 75 min on the AVX-512 EPYC, where an epoch of lite0+SE takes about 10 min (Level 4's run).
 # Measured (results/cpu/level3.json, code c51233c): 91.44% test with the mirror (test-time augmentation, chosen on
 # validation: 91.75% against 91.09% plain), 46.3 min of training and 50.2 in all on the AVX-512 EPYC. Both targets
