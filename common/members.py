@@ -43,12 +43,14 @@ def member_weights(flag: str | None, members: list[str]) -> dict[str, str | None
     """--weights: NAME=FILE pairs (comma-separated), or a bare FILE when there is a single member."""
     if not flag:
         return {name: None for name in members}
-    if "=" not in flag:
+    from common.models import weight_pairs
+
+    pairs = weight_pairs(flag)
+    if None in pairs:  # a bare FILE
         if len(members) != 1:
             raise SetupError("--weights FILE is ambiguous with several members: give NAME=FILE pairs, e.g. "
                              f"--weights {members[0]}=FILE (members without one download, or use --no-pretrained).")
-        return {members[0]: flag}
-    pairs = dict(item.split("=", 1) for item in flag.split(",") if item.strip())
+        return {members[0]: pairs[None]}
     unknown = [name for name in pairs if name not in members]
     if unknown:
         raise SetupError(f"--weights names {', '.join(unknown)}, which is not among --models {','.join(members)}.")

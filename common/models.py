@@ -48,13 +48,23 @@ def weight_file(weights: str) -> Path:
     return path
 
 
+def weight_pairs(flag: str) -> dict[str | None, str]:
+    """--weights as {NAME: FILE}: NAME=FILE pairs (comma-separated, Level 4's members), or one bare FILE, which
+    comes back as {None: FILE}. Both forms in one flag is a SetupError: which member would the bare file be for?"""
+    items = [item.strip() for item in flag.split(",") if item.strip()]
+    bare = [item for item in items if "=" not in item]
+    if bare and len(items) > 1:
+        raise SetupError(f"--weights '{flag}': give one FILE, or NAME=FILE pairs for every file (e.g. "
+                         f"efficientnet_lite0=a.pth,efficientnet_lite1=b.pth), not '{bare[0]}' beside others.")
+    if bare:
+        return {None: bare[0]}
+    return dict(item.split("=", 1) for item in items)
+
+
 def weight_files(flag: str | None) -> list[Path]:
     """Every file that --weights names (FILE, or NAME=FILE pairs for Level 4), checked to exist: run at setup, so
     that a mistyped path stops the run before the data loads, not after."""
-    if not flag:
-        return []
-    files = [item.split("=", 1)[1] if "=" in item else item for item in flag.split(",") if item.strip()]
-    return [weight_file(f) for f in files]
+    return [weight_file(f) for f in weight_pairs(flag).values()] if flag else []
 
 
 def check_model_name(name: str, flag: str = "--model") -> None:

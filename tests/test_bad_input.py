@@ -29,6 +29,10 @@ CASES = [
     # record already overwritten by a `failed` one)
     (4, ["--models", "efficientnet_lite0,resnet5O"], "--models 'resnet5O' is not a timm model. Closest timm names: "
                                                       "resnet50"),
+    # a bare FILE beside NAME=FILE pairs: which member is it for? (was Python's ValueError from dict())
+    (4, ["--models", "efficientnet_lite0,efficientnet_lite1", "--weights", "a.pth,efficientnet_lite1=b.pth"],
+     "--weights 'a.pth,efficientnet_lite1=b.pth': give one FILE, or NAME=FILE pairs for every file"),
+    (2, ["--weights", "a.pth,b.pth"], "--weights 'a.pth,b.pth': give one FILE"),
 ]
 SCRIPTS = {2: "levels/level2_intermediate.py", 3: "levels/level3_advanced.py", 4: "levels/level4_expert.py"}
 

@@ -232,6 +232,8 @@ def test_flag_errors_are_messages():
         member_weights("model.pth", MEMBERS)
     with pytest.raises(SetupError, match="not among --models"):
         member_weights("resnet18=a.pth", MEMBERS)
+    with pytest.raises(SetupError, match="NAME=FILE pairs for every file"):
+        member_weights("a.pth,efficientnet_b0=b0.pth", MEMBERS)
     assert member_weights("efficientnet_b0=b0.pth", MEMBERS) == {"resnet50+se": None, "efficientnet_b0": "b0.pth",
                                                                  "vit_small_patch16_224": None}
     assert member_weights("one.pth", ["efficientnet_b0"]) == {"efficientnet_b0": "one.pth"}
