@@ -127,7 +127,10 @@ class Hyperparameters:
 #   about 120 min here with cifarnet, no margin; two of 5 fit, the second with the next seed.
 # - Not a second cifarnet: beside lite0+SE it added nothing on validation (92.39 against 92.40% for the pair). Not
 #   lite1 or lite2: the three lites of an earlier profile took 163 min of training on a 2-core Xeon for 91.19% (one
-#   family, the vote +0.73 over its best member); their speed on this EPYC is not measured.
+#   family, the vote +0.73 over its best member); on this EPYC they train at 68-69 img/s (5 epochs: about 49 min),
+#   their accuracy is not measured.
+# - Not six test-time views for lite0+SE, nor a fourth member: voted again from the kept run's saved members, they
+#   gained 0.03 and 0.15 points on test, nothing or 0.03 on validation (docs/cpu-profile.md).
 # MixUp and CutMix slow convergence and pay off over hundreds of epochs, and 5 is the other end (a judgment, not
 # measured here; --mixup --cutmix puts them back). Inference in batches of 16, as in Levels 1-3 (lite0 at 128 px
 # infers 1.5x faster than in batches of 256 here). cifarnet is underconfident (airbench's label smoothing of 0.2), so
