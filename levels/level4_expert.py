@@ -130,7 +130,9 @@ class Hyperparameters:
 #   family, the vote +0.73 over its best member); on this EPYC they train at 68-69 img/s (5 epochs: about 49 min),
 #   their accuracy is not measured.
 # - Not six test-time views for lite0+SE, nor a fourth member: voted again from the kept run's saved members, they
-#   gained 0.03 and 0.15 points on test, nothing or 0.03 on validation (docs/cpu-profile.md).
+#   gained 0.03 and 0.15 points on test, nothing or 0.03 on validation. Not lite0+SE at 160 px: alone 91.94% test
+#   (the 128-px members 91.22-91.28%) but 53 min of training against 40, and voted with these members 92.53-92.91%
+#   test, 92.71-92.83% in the combinations near 120 min (docs/cpu-profile.md).
 # MixUp and CutMix slow convergence and pay off over hundreds of epochs, and 5 is the other end (a judgment, not
 # measured here; --mixup --cutmix puts them back). Inference in batches of 16, as in Levels 1-3 (lite0 at 128 px
 # infers 1.5x faster than in batches of 256 here). cifarnet is underconfident (airbench's label smoothing of 0.2), so
