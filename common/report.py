@@ -299,8 +299,10 @@ def render_ensemble_report(metrics: dict, title: str) -> str:
         "what it all costs in parameters, training time and inference speed." + _one_family_caveat(members), "",
         "## Methods", "",
         f"- **Members**: {', '.join(members)}. `NAME+se` is Level 3's network: NAME with a Squeeze-and-Excitation "
-        "block on its final feature map. Each timm member gets a fresh 10-way head and is fine-tuned in full "
-        "(every parameter trains). Initial weights: "
+        "block on its final feature map. Each timm member gets a fresh 10-way head and is fine-tuned "
+        + (f"with its stem and first {cfg['frozen_stages']} stages frozen at their pretrained weights "
+           f"(--frozen-stages {cfg['frozen_stages']}: no backward pass through them). "
+           if cfg.get("frozen_stages") else "in full (every parameter trains). ") + "Initial weights: "
         + ", ".join(f"{n} {r['init']}" for n, r in metrics["members"].items()) + "."
         + (f" `cifarnet` is trained from scratch at 32 px with airbench's recipe (common/cifarnet.py): widths "
            f"{cfg.get('cifarnet_widths')}, {cfg.get('cifarnet_epochs')} epochs of batch {cfg.get('cifarnet_batch_size')}, "

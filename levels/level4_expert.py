@@ -62,7 +62,7 @@ from common.augment import autoaugment_cifar10, color_jitter, random_crop_flip, 
 from common.cli import parse_args
 from common.io import save_npz_atomic
 from common.members import member_names, member_network, member_seed_offset, member_weights
-from common.models import create_model, normalization, zero_head
+from common.models import create_model, freeze_first_stages, normalization, zero_head
 from common.progress import TrainingDisplay
 from common.report import (
     CALIBRATION_BINS, comparison_row, log_loss, per_class_gains, plot_ensemble_figures, write_ensemble_report,
@@ -99,6 +99,9 @@ class Hyperparameters:
     autoaugment: bool = True  # AutoAugment's CIFAR-10 policy, per image, at 32x32. Try --no-autoaugment
     color_jitter: bool = False  # Level 2's colour jitter after the crop and flip (the CPU profile's choice)
     se_reduction: int = 16  # the SE block's bottleneck, as in Level 3
+    # keep the stem and the first N stages of each pretrained member at their ImageNet weights (0: train them all):
+    # no backward pass through them, so each step is cheaper (common.models.freeze_first_stages says why it is safe)
+    frozen_stages: int = 0
     tta: bool = True  # also predict the mirror image and average. Try --no-tta: accuracy against images/s
     tta_shifts: bool = False  # with --tta, also four copies shifted by 2 pixels (6 views instead of 2)
     weighting: str = "logloss"  # weighted voting: minimize validation log-loss. Try accuracy (weights ∝ val acc)
@@ -175,6 +178,9 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
     metrics["approach"] = APPROACH.format(tta=" + TTA" if hp.tta else "", members=", ".join(described))  # before any write
     weights = member_weights(settings.weights, members)
     check_recipe(hp)
+    if hp.frozen_stages:  # does every pretrained member have that many stages? Asked now, not after hours of training
+        for network in dict.fromkeys(member_network(n) for n in members if member_network(n) != CIFARNET):
+            build_member(network, False, None, hp)
     # seeds Python's, numpy's (timm's Mixup draws from them) and torch's generators from --seed, so that two runs
     # with the same flags give the same numbers; picks the device
     device = run.setup(settings)
@@ -239,6 +245,8 @@ def check_recipe(hp: Hyperparameters) -> None:
                          f"batch and need an even batch size (or --no-mixup --no-cutmix).")
     if hp.weighting not in ("logloss", "accuracy"):
         raise SetupError(f"--weighting must be logloss or accuracy, not '{hp.weighting}'.")
+    if hp.frozen_stages < 0:
+        raise SetupError(f"--frozen-stages {hp.frozen_stages}: give how many stages to freeze, 0 for none.")
 
 
 def build_member(name: str, pretrained: bool, weights: str | None, hp: Hyperparameters) -> nn.Module:
@@ -268,6 +276,8 @@ def build_member(name: str, pretrained: bool, weights: str | None, hp: Hyperpara
     else:
         model = create_model(base, num_classes=10, pretrained=pretrained, weights=weights, **kwargs)
     zero_head(model)  # uniform predictions at first: no large random gradients into the pretrained backbone
+    if hp.frozen_stages:
+        freeze_first_stages(model, hp.frozen_stages)
     return model
 
 
@@ -295,8 +305,9 @@ def run_member(run: LevelRun, number: int, count: int, name: str, weights: str |
     init = "random" if from_scratch else weights or ("imagenet" if settings.pretrained else "random")
     img_size, epochs = (32, hp.cifarnet_epochs) if from_scratch else (hp.img_size, hp.epochs)
     record = metrics["members"][name] = dict(member=name, status="training", init=init, history=[],
-                                             parameters=count_parameters(model), img_size=img_size,
-                                             tta_views=list(views))
+                                             parameters=count_parameters(model),
+                                             trainable_parameters=count_parameters(model, trainable_only=True),
+                                             img_size=img_size, tta_views=list(views))
     model = model.to(device, memory_format=torch.channels_last)
     title = f"Member {number}/{count}: {name} at {img_size}px on {metrics['environment']['device']}"
     with TrainingDisplay(title, epochs) as display:
@@ -400,7 +411,8 @@ def bench_recipes(overrides: dict) -> list:
         ["crop + flip"] + (["colour jitter"] if hp.color_jitter else []) + (["MixUp/CutMix"] if mix else [])
     names = [overrides["model"]] if overrides.get("model") else member_names(hp.models)
     names = list(dict.fromkeys(member_network(n) for n in names))  # a copy (NAME#2) trains as fast as NAME
-    recipes = [Recipe(4, f"Level 4: {name}", name, hp.img_size, hp.batch_size, hp.eval_batch_size, "all",
+    trainable = f"all but the stem and first {hp.frozen_stages} stages" if hp.frozen_stages else "all"
+    recipes = [Recipe(4, f"Level 4: {name}", name, hp.img_size, hp.batch_size, hp.eval_batch_size, trainable,
                       ", ".join(steps), lambda name=name: build_member(name, False, None, hp), hp.optimizer, hp.lr,
                       hp.weight_decay, augment=lambda x: augment(x, hp), mix=mix, loss_fn=loss_fn)
                for name in names if name != CIFARNET]

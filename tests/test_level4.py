@@ -322,6 +322,35 @@ def test_a_pretrained_member_learns_well_above_chance(cifar_dir, lite0_weights, 
     assert m["test_accuracy"] > 0.2  # the chosen ensemble (one member + TTA)
 
 
+def test_frozen_stages_keep_their_pretrained_weights_and_the_rest_trains(cifar_dir, lite0_weights, tmp_path):
+    """--frozen-stages 2 through the runner: in model.pt the stem and lite0's first two stages (blocks.0 and
+    blocks.1, BatchNorm statistics included) are the ImageNet file's tensors exactly, the next stage and the head
+    have trained away from them, and the record and report say so. A stage count lite0 lacks is one line, exit 2,
+    before anything trains."""
+    flags = ["run.py", "level", "4", "--quick", "--models", "efficientnet_lite0", "--weights", str(lite0_weights),
+             "--img-size", "32", "--train-size", "64", "--val-size", "50", "--test-size", "100", "--batch-size",
+             "32", "--data-dir", str(cifar_dir)]
+    result = run_cli(*flags, "--frozen-stages", "2", "--out-dir", str(tmp_path / "frozen"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    pretrained = torch.load(lite0_weights, map_location="cpu", weights_only=True)
+    saved = torch.load(tmp_path / "frozen" / "level4" / "model.pt", weights_only=True)["members"][0]["state_dict"]
+    frozen = [k for k in saved if k.split(".")[0] in ("conv_stem", "bn1") or k.startswith(("blocks.0.", "blocks.1."))]
+    trained = [k for k in saved if k.startswith("blocks.2.") and saved[k].is_floating_point()]
+    assert len(frozen) > 20 and trained
+    assert all(torch.equal(saved[k], pretrained[k]) for k in frozen)
+    assert all(not torch.equal(saved[k], pretrained[k]) for k in trained if "weight" in k)
+    assert saved["classifier.weight"].abs().sum() > 0  # started at zero (zero_head), then trained
+    m = json.loads((tmp_path / "frozen" / "level4" / "metrics.json").read_text())
+    member = m["members"]["efficientnet_lite0"]
+    assert m["config"]["frozen_stages"] == 2 and 0 < member["trainable_parameters"] < member["parameters"]
+    assert "--frozen-stages 2" in (tmp_path / "frozen" / "level4" / "report.md").read_text()
+
+    bad = run_cli(*flags, "--frozen-stages", "5", "--out-dir", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "Traceback" not in bad.stdout + bad.stderr
+    assert "--frozen-stages 5: EfficientNet has 5 stages" in bad.stdout + bad.stderr
+    assert "epoch" not in bad.stdout
+
+
 def test_mixup_cutmix_soft_targets_reach_the_loss():
     """The loss sees soft targets: label-smoothed and, in mixed rows, two classes at once."""
     from common.training import select_precision, train_one_epoch
