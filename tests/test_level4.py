@@ -228,6 +228,8 @@ def test_flag_errors_are_messages():
     with pytest.raises(SetupError, match="even batch size"):
         check_recipe(Hyperparameters(batch_size=31))
     check_recipe(Hyperparameters(batch_size=31, mixup=False, cutmix=False))
+    with pytest.raises(SetupError, match="--frozen-stages -1"):
+        check_recipe(Hyperparameters(frozen_stages=-1))
     with pytest.raises(SetupError, match="NAME=FILE"):
         member_weights("model.pth", MEMBERS)
     with pytest.raises(SetupError, match="not among --models"):
