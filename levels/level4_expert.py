@@ -129,9 +129,9 @@ class Hyperparameters:
 #   AutoAugment member as a third (a calibrated mean, computed outside this level). Two lite0+SE of 6 epochs would need
 #   about 120 min here with cifarnet, no margin; two of 5 fit, the second with the next seed.
 # - Not a second cifarnet: beside lite0+SE it added nothing on validation (92.39 against 92.40% for the pair). Not
-#   lite1 or lite2: the three lites of an earlier profile took 163 min of training on a 2-core Xeon for 91.19% (one
-#   family, the vote +0.73 over its best member); on this EPYC they train at 68-69 img/s (5 epochs: about 49 min),
-#   their accuracy is not measured.
+#   lite2: alone at 128 px the best member measured here (92.25% test), but 58 min; with cifarnet and one lite0+SE
+#   92.93-93.00% test in about 125 min, over budget. --frozen-stages 2 makes it fit (about 102 min) but costs each
+#   member 0.5-1.0 points: 92.65% test (docs/cpu-profile.md).
 # - Not six test-time views for lite0+SE, nor a fourth member: voted again from the kept run's saved members, they
 #   gained 0.03 and 0.15 points on test, nothing or 0.03 on validation. Not lite0+SE at 160 px: alone 91.94% test
 #   (the 128-px members 91.22-91.28%) but 53 min of training against 40, and voted with these members 92.53-92.91%
