@@ -154,10 +154,10 @@ def last_stage(model: nn.Module) -> list[nn.Module]:
     return stage
 
 
-def freeze_first_stages(model: nn.Module, count: int) -> int:
+def freeze_first_stages(model: nn.Module, count: int) -> None:
     """Keep the stem and the first `count` stages of a timm CNN at their pretrained weights: the layers that
-    compute the first `count` feature maps of its feature_info (strides 2, 4, ... 2**count). Returns how many
-    parameters were frozen. `model` may wrap the timm network (Level 3's SEClassifier).
+    compute the first `count` feature maps of its feature_info (strides 2, 4, ... 2**count). `model` may wrap
+    the timm network (Level 3's SEClassifier).
 
     Why: the backward pass stops at the first trainable layer, so the frozen layers cost a forward pass only.
     The first stages work at the highest resolution, where depthwise convolutions are slowest: freezing
@@ -174,7 +174,7 @@ def freeze_first_stages(model: nn.Module, count: int) -> int:
     if not 0 < count < len(stages):
         raise SetupError(f"--frozen-stages {count}: {type(network).__name__} has {len(stages)} stages "
                          f"({', '.join(stages)}); freeze 1 to {len(stages) - 1} of them, or 0 for none.")
-    last, inside, frozen = stages[count - 1], False, 0
+    last, inside = stages[count - 1], False
     for name, module in network.named_modules():  # in the order they run: the stem, then stage after stage
         if name == last or name.startswith(last + "."):
             inside = True
@@ -182,8 +182,6 @@ def freeze_first_stages(model: nn.Module, count: int) -> int:
             break
         for parameter in module.parameters(recurse=False):
             parameter.requires_grad_(False)
-            frozen += parameter.numel()
-    return frozen
 
 
 def train_only(model: nn.Module, modules: list[nn.Module]) -> None:
