@@ -125,7 +125,7 @@ class Hyperparameters:
 # - lite2 and lite0+SE train at 55-69 and 78-89 img/s in eager fp32 (bf16 and compile gain nothing for their depthwise
 #   convolutions). lite2 is the best single member measured here (5 epochs alone: 92.25% test; lite0+SE 91.22-91.28%).
 #   At 5 epochs, cifarnet + lite2 + lite0+SE voted 92.93-93.00% test but need about 125 min; at 4 epochs they fit
-#   with room to spare, and 4 epochs cost the vote 0.15-0.2 points (saved members voted again: one member at 4 epochs
+#   with room to spare, and 4 epochs cost the vote 0.15-0.22 points (saved members voted again: one member at 4 epochs
 #   and the other at 5, 92.82%; docs/cpu-profile.md). The previous profile, two lite0+SE (seeds 42 and 43) of 5
 #   epochs, made 92.72% test in 112.3 min (docs/results-history.md).
 # - Not a second cifarnet, six test-time views, a fourth member, lite0+SE at 160 px or the first stages frozen
