@@ -201,6 +201,12 @@ def ensemble_summary_sections(metrics: dict) -> list[dict]:
     ]
 
 
+def epoch_sizes(member: dict, cfg: dict) -> str:
+    """"128", or with progressive resizing (--low-res-epochs) the size of each epoch: "96, 96, 128, 128, 128"."""
+    sizes = member.get("train_img_sizes")
+    return ", ".join(map(str, sizes)) if sizes else str(member.get("img_size", cfg["img_size"]))
+
+
 def ensemble_findings(metrics: dict) -> list[str]:
     """Findings written from the numbers: what the ensemble gained, what TTA did, how calibration moved,
     and whether the differences are larger than the test set's sampling noise."""
@@ -338,7 +344,7 @@ def render_ensemble_report(metrics: dict, title: str) -> str:
         f"42), {metrics['val_size']:,} validation images (choice of epoch, ensemble weights), "
         f"{metrics['test_size']:,} test images (the official test set, scored once at the end).",
         f"- **Hardware**: {env['device']}, {precision_text(metrics)}; torch {env['torch']}, timm {env['timm']}.",
-        "- **Budget**: " + ", ".join(f"{n} {len(r['history'])} epoch(s) at {r.get('img_size', cfg['img_size'])} px"
+        "- **Budget**: " + ", ".join(f"{n} {len(r['history'])} epoch(s) at {epoch_sizes(r, cfg)} px"
                                      for n, r in metrics["members"].items()) + "; training took "
         f"{duration(metrics['train_seconds'])} for the {len(members)} members together.",
         f"- **Seed**: {cfg['seed']} (initialization, shuffling, augmentation); the split is fixed.", "",

@@ -102,6 +102,12 @@ class Hyperparameters:
     # keep the stem and the first N stages of each pretrained member at their ImageNet weights (0: train them all):
     # no backward pass through them, so each step is cheaper (common.models.freeze_first_stages says why it is safe)
     frozen_stages: int = 0
+    # progressive resizing: each pretrained member's first N epochs train at --low-res-size, the rest at --img-size
+    # (validation and prediction always at --img-size). Small images are cheap while the weights move far; the last
+    # epochs at full size undo the change of apparent object size (Touvron et al., "Fixing the train-test resolution
+    # discrepancy", 2019; Tan & Le, "EfficientNetV2", 2021, progressive learning). Try 0: what does it cost?
+    low_res_epochs: int = 0
+    low_res_size: int = 96
     tta: bool = True  # also predict the mirror image and average. Try --no-tta: accuracy against images/s
     tta_shifts: bool = False  # with --tta, also four copies shifted by 2 pixels (6 views instead of 2)
     weighting: str = "logloss"  # weighted voting: minimize validation log-loss. Try accuracy (weights ∝ val acc)
@@ -125,9 +131,11 @@ class Hyperparameters:
 # - lite2 and lite0+SE train at 55-69 and 78-89 img/s in eager fp32 (bf16 and compile gain nothing for their depthwise
 #   convolutions). lite2 is the best single member measured here (5 epochs alone: 92.25% test; lite0+SE 91.22-91.28%).
 #   At 5 epochs, cifarnet + lite2 + lite0+SE voted 92.93-93.00% test but need about 125 min; at 4 epochs they fit
-#   with room to spare, and 4 epochs cost the vote 0.15-0.22 points (saved members voted again: one member at 4 epochs
-#   and the other at 5, 92.82%; docs/cpu-profile.md). The previous profile, two lite0+SE (seeds 42 and 43) of 5
-#   epochs, made 92.72% test in 112.3 min (docs/results-history.md).
+#   (92.78%, 105.9 min, the run below), and 4 epochs cost the vote 0.15-0.22 points (docs/cpu-profile.md). So the
+#   profile trains 5 epochs with progressive resizing: the first 2 at 96 px, where both train about twice as fast
+#   as at 128 (a short timing here: lite2 93 against 41 img/s, lite0 119 against 67), the last 3 at 128, which
+#   should bring the level to about 108 min. Its first run is under way; until then the numbers below are those of
+#   the profile before it, 4 epochs at 128 px.
 # - Not a second cifarnet, six test-time views, a fourth member, lite0+SE at 160 px or the first stages frozen
 #   (--frozen-stages 2): voted again from saved members, none reaches 93% within 120 min (docs/cpu-profile.md).
 # MixUp and CutMix slow convergence and pay off over hundreds of epochs, and 4 is the other end (a judgment, not
@@ -142,7 +150,7 @@ class Hyperparameters:
 # 8.3%; the weighted vote + TTA 92.99% validation, 92.78% test, +1.00 points over the best member (6.8 paired standard
 # errors). The 93% bar is missed by 0.22.
 CPU_PROFILE = dict(models="cifarnet,efficientnet_lite2,efficientnet_lite0+se", model=None, img_size=128,
-                   eval_batch_size=16, epochs=4, lr=1e-3, weight_decay=0.05, mixup=False, cutmix=False,
+                   eval_batch_size=16, epochs=5, low_res_epochs=2, low_res_size=96, lr=1e-3, weight_decay=0.05, mixup=False, cutmix=False,
                    autoaugment=False, color_jitter=True, drop_path=0.0,
                    cifarnet_widths="64,256,256", cifarnet_epochs=16)
 
@@ -241,6 +249,9 @@ def check_recipe(hp: Hyperparameters) -> None:
         raise SetupError(f"--weighting must be logloss or accuracy, not '{hp.weighting}'.")
     if hp.frozen_stages < 0:
         raise SetupError(f"--frozen-stages {hp.frozen_stages}: give how many stages to freeze, 0 for none.")
+    if hp.low_res_epochs < 0 or hp.low_res_size < 1:
+        raise SetupError(f"--low-res-epochs {hp.low_res_epochs} --low-res-size {hp.low_res_size}: give how many epochs "
+                         f"(0 for none) train at which size in pixels.")
 
 
 def build_member(name: str, pretrained: bool, weights: str | None, hp: Hyperparameters) -> nn.Module:
@@ -302,8 +313,11 @@ def run_member(run: LevelRun, number: int, count: int, name: str, weights: str |
                                              parameters=count_parameters(model),
                                              trainable_parameters=count_parameters(model, trainable_only=True),
                                              img_size=img_size, tta_views=list(views))
+    if not from_scratch and hp.low_res_epochs:
+        record["train_img_sizes"] = training_sizes(hp)  # progressive resizing; validation and prediction at img_size
     model = model.to(device, memory_format=torch.channels_last)
-    title = f"Member {number}/{count}: {name} at {img_size}px on {metrics['environment']['device']}"
+    sizes = f"{hp.low_res_size}px for {min(hp.low_res_epochs, epochs)} epoch(s), then " if "train_img_sizes" in record else ""
+    title = f"Member {number}/{count}: {name} at {sizes}{img_size}px on {metrics['environment']['device']}"
     with TrainingDisplay(title, epochs) as display:
         train = train_cifarnet if from_scratch else train_member
         # --compile where it works here; a copy (NAME#2) with its own seed: its own data order and draws
@@ -340,8 +354,9 @@ def train_member(model: nn.Module, images: dict, settings, hp: Hyperparameters, 
     mean, std = normalization(model)
     # Everything on the device, per batch: augment at 32x32 (each image its own draws), normalize, resize.
     # drop_last: MixUp and CutMix pair the images of a batch, so every batch is a full one.
-    train_batches = TensorBatches(*images["train"], hp.batch_size, shuffle=True, seed=settings.seed, drop_last=True,
-                                  transform=lambda b: model_input(augment(b, hp), hp.img_size, mean, std))
+    train_batches = GrowingImageBatches(*images["train"], hp.batch_size, shuffle=True, seed=settings.seed,
+                                        drop_last=True, sizes=training_sizes(hp),
+                                        to_input=lambda b, size: model_input(augment(b, hp), size, mean, std))
     if len(train_batches) == 0:
         raise SetupError(f"--train-size {len(images['train'][1])} is smaller than one batch of {hp.batch_size}.")
     val_batches = TensorBatches(*images["val"], hp.eval_batch_size,
@@ -353,6 +368,33 @@ def train_member(model: nn.Module, images: dict, settings, hp: Hyperparameters, 
                scheduler=warmup_cosine(optimizer, steps, hp.warmup), loss_fn=loss_fn, device=device,
                precision=precision, mix=mix, display=display, history=history, checkpoint=checkpoint,
                on_epoch_end=on_epoch_end, compile=settings.compile)
+
+
+def training_sizes(hp: Hyperparameters) -> list[int]:
+    """A pretrained member's image size in each epoch: --low-res-size for the first --low-res-epochs, then --img-size."""
+    low = min(hp.low_res_epochs, hp.epochs)
+    return [hp.low_res_size] * low + [hp.img_size] * (hp.epochs - low)
+
+
+class GrowingImageBatches(TensorBatches):
+    """TensorBatches whose images grow with the epochs: epoch k's batches are resized to sizes[k] (the last size
+    for any epoch after). The epoch count is part of the state that --resume restores (fit saves state_dict())."""
+
+    def __init__(self, *args, sizes: list[int], to_input: Callable[[torch.Tensor, int], torch.Tensor], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sizes, self.to_input, self.epoch = sizes, to_input, 0
+
+    def state_dict(self) -> dict:
+        return dict(epoch=self.epoch)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+
+    def __iter__(self):
+        size = self.sizes[min(self.epoch, len(self.sizes) - 1)]
+        self.epoch += 1
+        for x, y in super().__iter__():
+            yield self.to_input(x, size), y
 
 
 def train_cifarnet(model: cifarnet.CifarNet, images: dict, settings, hp: Hyperparameters, device, precision, display,

@@ -138,7 +138,7 @@ LEVEL3_FLAGS = ["--quick", "--device", "cpu", "--model", "efficientnet_lite0", "
                 "400", "--val-size", "200", "--test-size", "200", "--lr", "1e-3", "--epochs", "2"]
 LEVEL4_FLAGS = ["--quick", "--device", "cpu", "--models", "efficientnet_lite0,efficientnet_lite0+se", "--img-size",
                 "64", "--train-size", "200", "--val-size", "100", "--test-size", "100", "--batch-size", "32", "--lr",
-                "3e-3", "--epochs", "2", "--no-mixup", "--no-cutmix"]
+                "3e-3", "--epochs", "2", "--no-mixup", "--no-cutmix", "--low-res-epochs", "1", "--low-res-size", "48"]
 
 
 @pytest.fixture(scope="session")

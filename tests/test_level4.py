@@ -4,6 +4,7 @@ device, the same numbers from the same seed, --resume."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -230,6 +231,8 @@ def test_flag_errors_are_messages():
     check_recipe(Hyperparameters(batch_size=31, mixup=False, cutmix=False))
     with pytest.raises(SetupError, match="--frozen-stages -1"):
         check_recipe(Hyperparameters(frozen_stages=-1))
+    with pytest.raises(SetupError, match="--low-res-epochs -1"):
+        check_recipe(Hyperparameters(low_res_epochs=-1))
     with pytest.raises(SetupError, match="NAME=FILE"):
         member_weights("model.pth", MEMBERS)
     with pytest.raises(SetupError, match="not among --models"):
@@ -298,6 +301,8 @@ def test_sigkill_in_the_second_member_then_resume_ends_like_a_straight_run(level
     b = json.loads((tmp_path / "level4" / "metrics.json").read_text())
     assert b["members"]["efficientnet_lite0"]["resumed_epochs"] == 2  # finished: not trained again
     assert b["members"]["efficientnet_lite0+se"]["resumed_epochs"] == 1
+    assert b["members"]["efficientnet_lite0+se"]["train_img_sizes"] == [48, 64]  # progressive: resumed at 64
+    assert "efficientnet_lite0+se 2 epoch(s) at 48, 64 px" in (tmp_path / "level4" / "report.md").read_text()
     # what the killed process saved came back as it was, timings included: an epoch trained again has its own
     second = "efficientnet_lite0+se"
     assert b["members"][second]["history"][0] == killed["members"][second]["history"][0]
@@ -308,6 +313,28 @@ def test_sigkill_in_the_second_member_then_resume_ends_like_a_straight_run(level
     with np.load(level4_outputs / "level4" / "predictions.npz") as x, \
             np.load(tmp_path / "level4" / "predictions.npz") as y:
         assert x.files == y.files and all(np.array_equal(x[k], y[k]) for k in x.files)
+
+
+def test_progressive_resizing_grows_the_images_by_epoch_and_resumes_at_the_right_size():
+    """--low-res-epochs 2 --low-res-size 48 --img-size 64 --epochs 3: epochs 1-2 train at 48 px, epoch 3 at 64; a
+    copy given the saved state of the batches after two epochs (what --resume loads) continues at 64. The SIGKILL
+    test below runs the same through the runner (its flags train each member's first epoch at 48 px)."""
+    from levels.level4_expert import GrowingImageBatches, Hyperparameters, training_sizes
+
+    hp = Hyperparameters(epochs=3, low_res_epochs=2, low_res_size=48, img_size=64)
+    assert training_sizes(hp) == [48, 48, 64]
+    assert training_sizes(dataclasses.replace(hp, low_res_epochs=0)) == [64, 64, 64]
+    images, labels = torch.zeros(8, 3, 32, 32, dtype=torch.uint8), torch.arange(8)
+
+    def batches() -> GrowingImageBatches:
+        return GrowingImageBatches(images, labels, 4, shuffle=True, seed=0, sizes=training_sizes(hp),
+                                   to_input=lambda b, size: torch.nn.functional.interpolate(b.float(), size=size))
+
+    growing = batches()
+    assert [next(iter(growing))[0].shape[-1] for _ in range(2)] == [48, 48]
+    resumed = batches()
+    resumed.load_state_dict(growing.state_dict())
+    assert [x.shape[-1] for x, _ in resumed] == [64, 64] and next(iter(growing))[0].shape[-1] == 64
 
 
 def test_a_pretrained_member_learns_well_above_chance(cifar_dir, lite0_weights, tmp_path):
