@@ -105,7 +105,7 @@ class Hyperparameters:
     # progressive resizing: each pretrained member's first N epochs train at --low-res-size, the rest at --img-size
     # (validation and prediction always at --img-size). Small images are cheap while the weights move far; the last
     # epochs at full size undo the change of apparent object size (Touvron et al., "Fixing the train-test resolution
-    # discrepancy", 2019; Tan & Le, "EfficientNetV2", 2021, progressive learning). Try 0: what does it cost?
+    # discrepancy", 2019; Tan & Le, "EfficientNetV2", 2021, progressive learning). Try --epochs 5 --low-res-epochs 2
     low_res_epochs: int = 0
     low_res_size: int = 96
     tta: bool = True  # also predict the mirror image and average. Try --no-tta: accuracy against images/s
@@ -131,11 +131,12 @@ class Hyperparameters:
 # - lite2 and lite0+SE train at 55-69 and 78-89 img/s in eager fp32 (bf16 and compile gain nothing for their depthwise
 #   convolutions). lite2 is the best single member measured here (5 epochs alone: 92.25% test; lite0+SE 91.22-91.28%).
 #   At 5 epochs, cifarnet + lite2 + lite0+SE voted 92.93-93.00% test but need about 125 min; at 4 epochs they fit
-#   (92.78%, 105.9 min, the run below), and 4 epochs cost the vote 0.15-0.22 points (docs/cpu-profile.md). So the
-#   profile trains 5 epochs with progressive resizing: the first 2 at 96 px, where both train about twice as fast
-#   as at 128 (a short timing here: lite2 93 against 41 img/s, lite0 119 against 67), the last 3 at 128, which
-#   should bring the level to about 108 min. Its first run is under way; until then the numbers below are those of
-#   the profile before it, 4 epochs at 128 px.
+#   with room to spare, and 4 epochs cost the vote 0.15-0.22 points (saved members voted again: one member at 4 epochs
+#   and the other at 5, 92.82%; docs/cpu-profile.md). The previous profile, two lite0+SE (seeds 42 and 43) of 5
+#   epochs, made 92.72% test in 112.3 min (docs/results-history.md).
+# - Not 5 epochs with the first 2 at 96 px (--epochs 5 --low-res-epochs 2, progressive resizing): 96 px trains only
+#   1.5-1.7x faster than 128 here, and the members ended under their 4 epochs at 128; one run made 92.54% test in
+#   123.8 min, on a machine about 8% slower than the kept run's (docs/cpu-profile.md).
 # - Not a second cifarnet, six test-time views, a fourth member, lite0+SE at 160 px or the first stages frozen
 #   (--frozen-stages 2): voted again from saved members, none reaches 93% within 120 min (docs/cpu-profile.md).
 # MixUp and CutMix slow convergence and pay off over hundreds of epochs, and 4 is the other end (a judgment, not
@@ -150,7 +151,7 @@ class Hyperparameters:
 # 8.3%; the weighted vote + TTA 92.99% validation, 92.78% test, +1.00 points over the best member (6.8 paired standard
 # errors). The 93% bar is missed by 0.22.
 CPU_PROFILE = dict(models="cifarnet,efficientnet_lite2,efficientnet_lite0+se", model=None, img_size=128,
-                   eval_batch_size=16, epochs=5, low_res_epochs=2, low_res_size=96, lr=1e-3, weight_decay=0.05, mixup=False, cutmix=False,
+                   eval_batch_size=16, epochs=4, lr=1e-3, weight_decay=0.05, mixup=False, cutmix=False,
                    autoaugment=False, color_jitter=True, drop_path=0.0,
                    cifarnet_widths="64,256,256", cifarnet_epochs=16)
 
@@ -316,7 +317,8 @@ def run_member(run: LevelRun, number: int, count: int, name: str, weights: str |
     if not from_scratch and hp.low_res_epochs:
         record["train_img_sizes"] = training_sizes(hp)  # progressive resizing; validation and prediction at img_size
     model = model.to(device, memory_format=torch.channels_last)
-    sizes = f"{hp.low_res_size}px for {min(hp.low_res_epochs, epochs)} epoch(s), then " if "train_img_sizes" in record else ""
+    low = min(hp.low_res_epochs, epochs)
+    sizes = f"{hp.low_res_size}px for {low} epoch(s), then " if "train_img_sizes" in record else ""
     title = f"Member {number}/{count}: {name} at {sizes}{img_size}px on {metrics['environment']['device']}"
     with TrainingDisplay(title, epochs) as display:
         train = train_cifarnet if from_scratch else train_member
@@ -371,7 +373,8 @@ def train_member(model: nn.Module, images: dict, settings, hp: Hyperparameters, 
 
 
 def training_sizes(hp: Hyperparameters) -> list[int]:
-    """A pretrained member's image size in each epoch: --low-res-size for the first --low-res-epochs, then --img-size."""
+    """A pretrained member's image size in each epoch: --low-res-size for the first --low-res-epochs, then
+    --img-size."""
     low = min(hp.low_res_epochs, hp.epochs)
     return [hp.low_res_size] * low + [hp.img_size] * (hp.epochs - low)
 
