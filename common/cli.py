@@ -19,6 +19,7 @@ from common.training import PRECISIONS
 QUICK_PROFILE = dict(train_size=2000, val_size=500, test_size=1000, epochs=1, img_size=64)
 
 HYPERPARAMETER_FLAGS = ("model", "epochs", "batch_size", "lr", "img_size")
+COUNTS_FROM_ZERO = ("low_res_epochs",)  # Level 4's progressive resizing: 0 epochs at the low size turns it off
 SPLIT_SIZES = dict(train_size=40_000, val_size=10_000, test_size=10_000)  # the most each split holds
 
 
@@ -147,6 +148,7 @@ def _invalid(values: dict) -> list[str]:
                             f"per class) and at most the {most:,} of its split")
     for key, value in values.items():  # a level's other sizes and counts (--ablation-epochs, --eval-batch-size,
         # the SE block's --reduction / --se-reduction, a divisor)
-        if key.endswith(("_epochs", "_batch_size", "reduction")) and isinstance(value, int) and value < 1:
+        if key.endswith(("_epochs", "_batch_size", "reduction")) and isinstance(value, int) and value < 1 \
+                and key not in COUNTS_FROM_ZERO:
             problems.append(f"--{key.replace('_', '-')} must be at least 1, not {value}")
     return problems
