@@ -317,8 +317,8 @@ def run_member(run: LevelRun, number: int, count: int, name: str, weights: str |
     if not from_scratch and hp.low_res_epochs:
         record["train_img_sizes"] = training_sizes(hp)  # progressive resizing; validation and prediction at img_size
     model = model.to(device, memory_format=torch.channels_last)
-    low = min(hp.low_res_epochs, epochs)
-    sizes = f"{hp.low_res_size}px for {low} epoch(s), then " if "train_img_sizes" in record else ""
+    low = record.get("train_img_sizes", []).count(hp.low_res_size)  # the epochs at the low size, as recorded
+    sizes = f"{hp.low_res_size}px for {low} epoch(s), then " if low else ""
     title = f"Member {number}/{count}: {name} at {sizes}{img_size}px on {metrics['environment']['device']}"
     with TrainingDisplay(title, epochs) as display:
         train = train_cifarnet if from_scratch else train_member
