@@ -19,7 +19,6 @@ from common.training import PRECISIONS
 QUICK_PROFILE = dict(train_size=2000, val_size=500, test_size=1000, epochs=1, img_size=64)
 
 HYPERPARAMETER_FLAGS = ("model", "epochs", "batch_size", "lr", "img_size")
-COUNTS_FROM_ZERO = ("low_res_epochs",)  # Level 4's progressive resizing: 0 epochs at the low size turns it off
 SPLIT_SIZES = dict(train_size=40_000, val_size=10_000, test_size=10_000)  # the most each split holds
 
 
@@ -128,15 +127,17 @@ def parse_args(argv: list[str] | None, hyperparameters, prog: str, description: 
         values.update(QUICK_PROFILE)
         values.update(quick_overrides or {})
     values.update(given)
-    for message in _invalid(values):
+    for message in _invalid(values, dataclasses.asdict(hyperparameters)):
         parser.error(message)
     settings = RunSettings(**{f.name: values[f.name] for f in dataclasses.fields(RunSettings)})
     hp = dataclasses.replace(hyperparameters, **{f.name: values[f.name] for f in dataclasses.fields(hyperparameters)})
     return settings, hp
 
 
-def _invalid(values: dict) -> list[str]:
-    """What is wrong with the merged flags, each as a message naming the flag."""
+def _invalid(values: dict, defaults: dict) -> list[str]:
+    """What is wrong with the merged flags, each as a message naming the flag. `defaults`: the level's own
+    hyperparameters, unchanged; a count whose default is 0 may be 0 (it turns something off, as Level 4's
+    --low-res-epochs 0 turns off progressive resizing)."""
     problems = []
     for key in ("epochs", "batch_size", "img_size"):
         if values.get(key) is not None and values[key] < 1:
@@ -148,7 +149,7 @@ def _invalid(values: dict) -> list[str]:
                             f"per class) and at most the {most:,} of its split")
     for key, value in values.items():  # a level's other sizes and counts (--ablation-epochs, --eval-batch-size,
         # the SE block's --reduction / --se-reduction, a divisor)
-        if key.endswith(("_epochs", "_batch_size", "reduction")) and isinstance(value, int) and value < 1 \
-                and key not in COUNTS_FROM_ZERO:
-            problems.append(f"--{key.replace('_', '-')} must be at least 1, not {value}")
+        least = 0 if defaults.get(key) == 0 else 1
+        if key.endswith(("_epochs", "_batch_size", "reduction")) and isinstance(value, int) and value < least:
+            problems.append(f"--{key.replace('_', '-')} must be at least {least}, not {value}")
     return problems

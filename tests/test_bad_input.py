@@ -19,6 +19,7 @@ CASES = [
     # argparse's own checks (the common flags): its usage, then one "error:" line
     (2, ["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
     (3, ["--reduction", "0"], "--reduction must be at least 1, not 0"),  # was a ZeroDivisionError traceback
+    (4, ["--low-res-epochs", "-1"], "--low-res-epochs must be at least 0, not -1"),  # 0 (its default) turns it off
     # the levels' own checks, after the flags parse
     # (found after two ablation arms had trained, the earlier record overwritten: now checked first)
     (2, ["--fine-tune-scope", "everything"], "--fine-tune-scope must be one of last-stage, all, not 'everything'"),
