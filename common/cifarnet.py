@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.training import TensorBatches
+from common.training import EpochCountingBatches
 
 # ----------------------------------------------------------------------------------------------------------
 #                                            Hyperparameters
@@ -194,7 +194,7 @@ def translate(images: torch.Tensor, shift: int, generator: torch.Generator | Non
     return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
 
 
-class AlternatingFlipBatches(TensorBatches):
+class AlternatingFlipBatches(EpochCountingBatches):
     """Training batches with airbench's *alternating* flip, then a random translation of up to `shift` px.
 
     A random flip shows some images the same way round several epochs in a row. Here each image draws a coin
@@ -208,17 +208,9 @@ class AlternatingFlipBatches(TensorBatches):
         super().__init__(images, labels, batch_size, shuffle=True, seed=seed, drop_last=True, transform=transform)
         self.shift = shift
         self.coin = torch.rand(len(labels), generator=torch.Generator().manual_seed(seed + 1)) < 0.5
-        self.epoch = 0
-
-    def state_dict(self) -> dict:
-        return dict(epoch=self.epoch)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch = int(state["epoch"])
 
     def __iter__(self):
-        flipped = (self.coin ^ bool(self.epoch % 2)).to(self.inputs.device)
-        self.epoch += 1
+        flipped = (self.coin ^ bool(self.start_epoch() % 2)).to(self.inputs.device)
         order = self._indices().to(self.inputs.device)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             idx = order[start:start + self.batch_size]

@@ -318,6 +318,27 @@ class TensorBatches:
             yield (self.transform(x) if self.transform else x), self.labels[idx]
 
 
+
+class EpochCountingBatches(TensorBatches):
+    """TensorBatches that know which epoch they are in, for batches that change with it (cifarnet's alternating
+    flip, Level 4's growing images). The count is the state that fit() saves in every checkpoint, so --resume
+    continues with the next epoch's batches, not the first's."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epoch = 0
+
+    def state_dict(self) -> dict:
+        return dict(epoch=self.epoch)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+
+    def start_epoch(self) -> int:
+        """The epoch now starting (0, 1, ...); counts it."""
+        self.epoch += 1
+        return self.epoch - 1
+
 def process_share(batches, training: bool = False):
     """Under torchrun, this process's share of `batches`; otherwise `batches` itself.
 

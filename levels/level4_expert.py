@@ -70,7 +70,8 @@ from common.report import (
 from common.results import LevelRun
 from common.stats import paired_difference
 from common.training import (
-    SetupError, TensorBatches, autocast, count_parameters, fit, make_optimizer, model_input, synchronize, warmup_cosine,
+    EpochCountingBatches, SetupError, TensorBatches, autocast, count_parameters, fit, make_optimizer, model_input,
+    synchronize, warmup_cosine,
 )
 
 # ----------------------------------------------------------------------------------------------------------
@@ -379,23 +380,16 @@ def training_sizes(hp: Hyperparameters) -> list[int]:
     return [hp.low_res_size] * low + [hp.img_size] * (hp.epochs - low)
 
 
-class GrowingImageBatches(TensorBatches):
-    """TensorBatches whose images grow with the epochs: epoch k's batches are resized to sizes[k] (the last size
-    for any epoch after). The epoch count is part of the state that --resume restores (fit saves state_dict())."""
+class GrowingImageBatches(EpochCountingBatches):
+    """Batches whose images grow with the epochs: epoch k's batches are resized to sizes[k] (the last size for any
+    epoch after). The epoch count is part of the state that --resume restores."""
 
     def __init__(self, *args, sizes: list[int], to_input: Callable[[torch.Tensor, int], torch.Tensor], **kwargs):
         super().__init__(*args, **kwargs)
-        self.sizes, self.to_input, self.epoch = sizes, to_input, 0
-
-    def state_dict(self) -> dict:
-        return dict(epoch=self.epoch)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch = int(state["epoch"])
+        self.sizes, self.to_input = sizes, to_input
 
     def __iter__(self):
-        size = self.sizes[min(self.epoch, len(self.sizes) - 1)]
-        self.epoch += 1
+        size = self.sizes[min(self.start_epoch(), len(self.sizes) - 1)]
         for x, y in super().__iter__():
             yield self.to_input(x, size), y
 
