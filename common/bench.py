@@ -510,8 +510,9 @@ def run_bench(recipe_sources: dict, level1_main: Callable | None = None, quick: 
     """The benchmark. `recipe_sources` maps each level to its bench_recipes function (or to the reason it has
     none); the runner, which knows the levels, collects them, so that common/ never imports a level."""
     from common.data import DataError
-    from common.training import SetupError
+    from common.training import SetupError, code_version
 
+    started, started_at = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S %Z")
     unknown = [n for n in levels or [] if n not in LEVEL_NUMBERS]
     if unknown:
         console.print(f"[bold red]Error:[/] --level {unknown[0]}: levels are 1 to 4.", highlight=False)
@@ -563,7 +564,8 @@ def run_bench(recipe_sources: dict, level1_main: Callable | None = None, quick: 
                   eval_images=profile["eval_images"] if profile_name else None,
                   recipe_profile=profile_name,
                   compile=compile, peak_flops_per_second=peak, peak_flops_source=peak_source,
-                  host=host, recipes=[], skipped=skipped, level1_cache=None)
+                  host=host, recipes=[], skipped=skipped, level1_cache=None, command=" ".join(sys.argv),
+                  started_at=started_at, code_version=code_version())
     console.print(f"Benchmark on {report['device']} (--precision {precision_flag}), {report['profile']} profile: "
                   f"{profile['steps']} steps x {profile['repeats']} turns per measurement", highlight=False)
     for s in skipped:
@@ -593,6 +595,7 @@ def run_bench(recipe_sources: dict, level1_main: Callable | None = None, quick: 
                                                 data_dir, device)
     host["peak_bytes"] = peak_host_memory()
     report["targets"] = judge_targets(report, dev)
+    report["total_seconds"] = time.perf_counter() - started  # the whole benchmark, data and compiling included
 
     out = Path(out_dir)
     write_json_atomic(out / "bench.json", report)

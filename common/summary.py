@@ -618,9 +618,13 @@ def readme_speed(results_dir: Path) -> list[str]:
 
     from common.bench import chosen_mode
 
-    lines = []
+    lines, runs = [], []
     for path in sorted(Path(results_dir).glob("*/bench/*.json")):
         report = json.loads(path.read_text())
+        link = f"[record]({path.relative_to(Path(results_dir).parent).as_posix()})"
+        if report.get("total_seconds") is not None:  # benchmarks before 7 December did not keep how long they took
+            runs.append(f"- {link}: `python {report['command']}`, {report['started_at']}, "
+                        f"{report['total_seconds'] / 60:.1f} min in all, on {report['device']}.")
         for r in report.get("recipes", []):
             if not r.get("speeds"):
                 continue
@@ -633,12 +637,13 @@ def readme_speed(results_dir: Path) -> list[str]:
                          + ("—" if baseline is None else f"{baseline:,.0f}") + " | "
                          + " | ".join(cells) + f" | {compile_s or '—'} | {r['fraction_of_peak']:.0%} | "
                          f"{chosen_mode(r)}" + ("" if gain is None else f" ({gain:.2f}x)")
-                         + f" | {report['device']} | [record]({path.relative_to(Path(results_dir).parent).as_posix()}) |")
+                         + f" | {report['device']} | {link} |")
     if not lines:
         return ["No benchmark has been kept yet (`python run.py bench --profile cpu`, then copy its bench.json "
                 "into results/cpu/bench/)."]
     return ["| recipe | model | baseline | eager fp32 | eager bf16 | compiled fp32 | compiled bf16 | compile | of peak "
-            "| the levels use (÷ baseline) | hardware | |", "|---|---|---|---|---|---|---|---|---|---|---|---|", *lines]
+            "| the levels use (÷ baseline) | hardware | |", "|---|---|---|---|---|---|---|---|---|---|---|---|", *lines,
+            *([""] + runs if runs else [])]
 
 
 def _replace_block(text: str, name: str, body: list[str]) -> str:

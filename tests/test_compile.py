@@ -66,6 +66,16 @@ def test_bench_profile_cpu_times_each_recipe_four_ways(cifar_dir, tmp_path):
     assert report["environment"]["allocator"].startswith("glibc malloc keeps freed memory")
     assert any(t["target"].startswith("Level 4: cifarnet: the chosen way ≥ 1.5x eager fp32 with glibc's default")
                for t in report["targets"])
+    # what ran, on which code, and how long the whole benchmark took: the README's list of kept runs says it
+    from common.summary import readme_speed
+    from common.training import code_version
+
+    assert report["command"].startswith("run.py bench --profile cpu --quick") and report["started_at"]
+    assert report["code_version"] == code_version() and report["total_seconds"] > 0
+    kept = tmp_path / "results" / "cpu" / "bench"
+    kept.mkdir(parents=True)
+    (kept / "run.json").write_text((tmp_path / "bench.json").read_text())
+    assert f"{report['total_seconds'] / 60:.1f} min in all" in "\n".join(readme_speed(tmp_path / "results"))
     bench_md = (tmp_path / "bench.md").read_text()
     assert "eager fp32, default allocator" in bench_md
     assert "each recipe four ways" in bench_md and "by batch size" in bench_md
