@@ -318,7 +318,6 @@ class TensorBatches:
             yield (self.transform(x) if self.transform else x), self.labels[idx]
 
 
-
 class EpochCountingBatches(TensorBatches):
     """TensorBatches that know which epoch they are in, for batches that change with it (cifarnet's alternating
     flip, Level 4's growing images). The count is the state that fit() saves in every checkpoint, so --resume
@@ -338,6 +337,7 @@ class EpochCountingBatches(TensorBatches):
         """The epoch now starting (0, 1, ...); counts it."""
         self.epoch += 1
         return self.epoch - 1
+
 
 def process_share(batches, training: bool = False):
     """Under torchrun, this process's share of `batches`; otherwise `batches` itself.
