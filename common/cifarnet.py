@@ -18,6 +18,8 @@ shared JPEG copy, seed 42):
 - the same 16 epochs in fp32 (--precision fp32), same machine, code f1493e4: 90.75% test with TTA (89.65% without),
   34.3 min of training at about 310 img/s: bf16 costs this network no accuracy (within one seed's noise) and
   trains 1.6x faster, so the CPU profile keeps bf16 (not kept as a record);
+- airbench96's stronger augmentation at 16 epochs, one run each (docs/cpu-profile.md): 4-px translations 90.64% test,
+  12-px Cutout 89.76%; less overfitting, no better accuracy, so the recipe keeps 2 px and no Cutout;
 - widths 64,128,128, 10 epochs, fp32, on a 2-core AMD EPYC without AVX-512 (about 300 img/s): 88.27% test with TTA,
   28.9 min of training (docs/results-history.md).
 All are short of what airbench reports (93.0% for 64,128,128 in 11 epochs, 94.0% for 64,256,256 in 10) on the
