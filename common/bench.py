@@ -44,7 +44,7 @@ from common.data import load_cifar10, make_splits
 from common.models import create_model, normalization
 from common.progress import console
 from common.io import write_json_atomic, write_text_atomic
-from common.results import environment
+from common.results import environment, provenance
 from common.training import (
     TensorBatches, configure_backends, device_name, evaluate, make_optimizer, model_input, select_device,
     select_precision, set_train_mode, synchronize, train_one_epoch,
@@ -510,9 +510,9 @@ def run_bench(recipe_sources: dict, level1_main: Callable | None = None, quick: 
     """The benchmark. `recipe_sources` maps each level to its bench_recipes function (or to the reason it has
     none); the runner, which knows the levels, collects them, so that common/ never imports a level."""
     from common.data import DataError
-    from common.training import SetupError, code_version
+    from common.training import SetupError
 
-    started, started_at = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    started, made = time.perf_counter(), provenance()
     unknown = [n for n in levels or [] if n not in LEVEL_NUMBERS]
     if unknown:
         console.print(f"[bold red]Error:[/] --level {unknown[0]}: levels are 1 to 4.", highlight=False)
@@ -564,8 +564,7 @@ def run_bench(recipe_sources: dict, level1_main: Callable | None = None, quick: 
                   eval_images=profile["eval_images"] if profile_name else None,
                   recipe_profile=profile_name,
                   compile=compile, peak_flops_per_second=peak, peak_flops_source=peak_source,
-                  host=host, recipes=[], skipped=skipped, level1_cache=None, command=" ".join(sys.argv),
-                  started_at=started_at, code_version=code_version())
+                  host=host, recipes=[], skipped=skipped, level1_cache=None, **made)
     console.print(f"Benchmark on {report['device']} (--precision {precision_flag}), {report['profile']} profile: "
                   f"{profile['steps']} steps x {profile['repeats']} turns per measurement", highlight=False)
     for s in skipped:

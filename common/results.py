@@ -54,6 +54,13 @@ def time_already_spent(out_dir: Path, level: int, metrics: dict) -> float:
     return float(earlier.get("total_seconds") or 0.0)
 
 
+def provenance() -> dict:
+    """What a kept result says of its making: the command, when it started, and which code ran (the digest that
+    `python run.py record` matches to a commit). A level's metrics.json and the benchmark's bench.json both hold it."""
+    return dict(command=" ".join(sys.argv), started_at=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                code_version=code_version())
+
+
 def environment(device, precision=None) -> dict:
     import timm
     import torch
@@ -82,8 +89,7 @@ class LevelRun:
             profile=settings.profile, test_accuracy=None, val_accuracy=None, train_size=None, val_size=None,
             test_size=None, history=[], train_seconds=None, total_seconds=None,
             config={**dataclasses.asdict(settings), **dataclasses.asdict(hyperparameters)},
-            environment=None, figures={}, command=" ".join(sys.argv), process=this_process(),
-            started_at=time.strftime("%Y-%m-%d %H:%M:%S %Z"), code_version=code_version(),
+            environment=None, figures={}, process=this_process(), **provenance(),
         )
         # --resume continues a run that has already spent time (in a session that ended, say): total_seconds counts
         # it too, so that "in all" is never less than the training time summed over the epochs
