@@ -112,6 +112,25 @@ def test_cache_is_used_and_never_outlives_a_change(cifar_dir, tmp_path, monkeypa
     assert third["train_images"][first_cat].mean(axis=(1, 2))[0] > 200  # the new red image, not the cached cat
 
 
+def test_the_cache_is_memory_mapped_and_a_damaged_one_is_decoded_again(cifar_dir, tmp_path, monkeypatch):
+    """The cached arrays come back memory-mapped (a run on a subset reads only its images); a cache file cut short
+    (a full disk, a killed copy) is not an error: the images are decoded again, the same, and cached anew."""
+    monkeypatch.setenv("CIFAR10_CACHE", str(tmp_path / "cache"))
+    folder = small_imagefolder(cifar_dir, tmp_path / "small")
+    decoded, _ = load_cifar10(folder)
+    cached, _ = load_cifar10(folder)
+    assert isinstance(cached["train_images"], np.memmap) and not cached["train_images"].flags.writeable
+    assert all(np.array_equal(decoded[k], cached[k]) for k in decoded)
+    [entry] = (tmp_path / "cache").iterdir()  # one folder, no partial one left behind
+    images = entry / "train_images.npy"
+    images.write_bytes(images.read_bytes()[:-100])
+    again, _ = load_cifar10(folder)
+    assert all(np.array_equal(decoded[k], again[k]) for k in decoded)
+    mended, _ = load_cifar10(folder)  # and cached anew
+    assert isinstance(mended["train_images"], np.memmap) and np.array_equal(decoded["train_images"],
+                                                                            mended["train_images"])
+
+
 @pytest.mark.parametrize("problem", ["missing_class", "truncated", "wrong_size", "grayscale", "wrong_layout"])
 def test_bad_image_folders_give_a_clear_error(cifar_dir, tmp_path, problem):
     folder = small_imagefolder(cifar_dir, tmp_path / "bad")
