@@ -32,6 +32,8 @@ LEVEL_FILES = {number: f"levels/{name}.py" for number, name in LEVEL_MODULES.ite
 def load_level(number: int):
     """A level's module, imported once (levels.level2_intermediate is the same object everywhere)."""
     return importlib.import_module(f"levels.{LEVEL_MODULES[number]}")
+
+
 PASS_THROUGH = dict(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
                     add_help_option=False)
 
