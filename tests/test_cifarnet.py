@@ -4,25 +4,17 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import kill_when, nth_line, run_cli, untimed
 
 # A smoke recipe: 1,000 training images, 4 epochs of 10 steps, the CPU profile's widths 64,128,128 (a quarter of
 # the work of airbench94's 64,256,256, the default). Far from the full recipe, enough to learn.
 SMOKE = ["--quick", "--models", "cifarnet", "--train-size", "1000", "--val-size", "200", "--test-size", "500",
          "--cifarnet-epochs", "4", "--cifarnet-batch-size", "100", "--cifarnet-widths", "64,128,128"]
-
-
-def _untimed(history):
-    return [{k: v for k, v in h.items() if k not in ("seconds", "images_per_second")} for h in history]
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +46,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(cifar_dir, straight_run,
     generator, and the alternating flip's epoch count."""
     _, straight = straight_run
     flags = ["run.py", "level", "4", *SMOKE, "--data-dir", str(cifar_dir), "--out-dir", str(tmp_path)]
-    proc = subprocess.Popen([sys.executable, *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    for line in proc.stdout:
-        if line.startswith("epoch 2/4"):  # printed after epoch 2 is saved: the kill lands in epoch 3
-            break
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    kill_when(flags, nth_line("epoch 2/4"))  # printed after epoch 2 is saved: the kill lands in epoch 3
     killed = json.loads((tmp_path / "level4" / "metrics.json").read_text())
     assert killed["status"] == "running" and len(killed["members"]["cifarnet"]["history"]) == 2
 
@@ -68,7 +54,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(cifar_dir, straight_run,
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     m = json.loads((tmp_path / "level4" / "metrics.json").read_text())
     assert m["members"]["cifarnet"]["resumed_epochs"] == 2
-    assert _untimed(m["members"]["cifarnet"]["history"]) == _untimed(straight["members"]["cifarnet"]["history"])
+    assert untimed(m["members"]["cifarnet"]["history"]) == untimed(straight["members"]["cifarnet"]["history"])
     assert m["test_accuracy"] == straight["test_accuracy"]
 
 
@@ -101,7 +87,7 @@ def test_a_second_copy_trains_with_the_next_seed_and_votes(cifar_dir, tmp_path):
     m = json.loads((tmp_path / "level4" / "metrics.json").read_text())
     first, copy = m["members"]["cifarnet"], m["members"]["cifarnet#2"]
     assert (first["seed"], copy["seed"]) == (42, 43) and copy["init"] == "random" and copy["img_size"] == 32
-    assert _untimed(first["history"]) != _untimed(copy["history"])
+    assert untimed(first["history"]) != untimed(copy["history"])
     saved = torch.load(tmp_path / "level4" / "model.pt", weights_only=True)
     assert [(e["name"], e["kind"], e["model"]) for e in saved["members"]] == [
         ("cifarnet", "cifarnet", "cifarnet"), ("cifarnet#2", "cifarnet", "cifarnet")]

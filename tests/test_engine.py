@@ -12,7 +12,7 @@ from common import training
 from common.cli import QUICK_PROFILE, parse_args
 from common.training import (TensorBatches, fit, freeze, make_optimizer, select_precision,
                              set_train_mode)
-from conftest import run_cli
+from conftest import run_cli, untimed
 
 
 @pytest.mark.parametrize("capability, name, scaler", [((7, 5), "fp16", True), ((8, 0), "bf16", False),
@@ -175,8 +175,6 @@ def test_fit_resumed_after_a_kill_mid_epoch_ends_bit_identical(tmp_path):
     stored = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
     assert stored["epoch"] == 2  # the last finished epoch
     resumed, resumed_model = _resumable_run(tmp_path / "b", resume=True)
-    untimed = lambda history: [{k: v for k, v in h.items() if k not in ("seconds", "images_per_second")}  # noqa: E731
-                               for h in history]
     assert resumed.resumed_epochs == 2 and untimed(resumed.history) == untimed(straight.history)
     assert resumed.best_epoch == straight.best_epoch
     for a, b in zip(straight_model.state_dict().values(), resumed_model.state_dict().values()):

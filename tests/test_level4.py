@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import LEVEL4_FLAGS, kill_when, level4_where, nth_line, run_cli
+from conftest import LEVEL4_FLAGS, kill_when, level4_where, nth_line, run_cli, untimed
 
 MEMBERS = ["resnet50+se", "efficientnet_b0", "vit_small_patch16_224"]  # the defaults
 # A ViT at 32 px sees 2 x 2 patches: it must run. Tiny subsets keep the three full fine-tunes within a minute on CPU.
@@ -274,8 +274,7 @@ def test_the_same_seed_gives_the_same_numbers(cifar_dir, tmp_path):
         m = json.loads((tmp_path / name / "level4" / "metrics.json").read_text())
         with np.load(tmp_path / name / "level4" / "predictions.npz") as npz:
             probs = {k: npz[k] for k in npz.files}
-        timeless = [{k: v for k, v in h.items() if k not in ("seconds", "images_per_second")} for h in m["history"]]
-        runs.append((m["test_accuracy"], timeless, probs))
+        runs.append((m["test_accuracy"], untimed(m["history"]), probs))
     (acc_a, history_a, probs_a), (acc_b, history_b, probs_b), (_, history_c, probs_c) = runs
     assert acc_a == acc_b and history_a == history_b and len(history_a) == 1
     assert probs_a.keys() == probs_b.keys() and all(np.array_equal(probs_a[k], probs_b[k]) for k in probs_a)
@@ -306,7 +305,6 @@ def test_sigkill_in_the_second_member_then_resume_ends_like_a_straight_run(level
     # what the killed process saved came back as it was, timings included: an epoch trained again has its own
     second = "efficientnet_lite0+se"
     assert b["members"][second]["history"][0] == killed["members"][second]["history"][0]
-    untimed = lambda h: [{k: v for k, v in e.items() if k not in ("seconds", "images_per_second")} for e in h]  # noqa
     for name in ("efficientnet_lite0", "efficientnet_lite0+se"):
         assert untimed(a["members"][name]["history"]) == untimed(b["members"][name]["history"]), name
     assert untimed(a["history"]) == untimed(b["history"]) and a["test_accuracy"] == b["test_accuracy"]
