@@ -252,6 +252,7 @@ def _write_cache(folder: Path, arrays: dict[str, np.ndarray]) -> None:
         for name in CACHED_ARRAYS:
             np.save(partial / f"{name}.npy", arrays[name])
         os.rename(partial, folder)  # atomic: a crash never leaves a half-written cache behind
+        folder.with_name(folder.name + ".npz").unlink(missing_ok=True)  # the same images as cached before (one .npz)
     except OSError:
         pass  # a read-only home folder only costs the next run a re-decode; another process may have won the race
     finally:

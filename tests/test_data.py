@@ -113,15 +113,21 @@ def test_cache_is_used_and_never_outlives_a_change(cifar_dir, tmp_path, monkeypa
 
 
 def test_the_cache_is_memory_mapped_and_a_damaged_one_is_decoded_again(cifar_dir, tmp_path, monkeypatch):
-    """The cached arrays come back memory-mapped (a run on a subset reads only its images); a cache file cut short
-    (a full disk, a killed copy) is not an error: the images are decoded again, the same, and cached anew."""
+    """The cached arrays come back memory-mapped (a run on a subset reads only its images), and an earlier version's
+    .npz of the same images is removed; a cache file cut short (a full disk, a killed copy) is not an error: the
+    images are decoded again, the same, and cached anew."""
     monkeypatch.setenv("CIFAR10_CACHE", str(tmp_path / "cache"))
     folder = small_imagefolder(cifar_dir, tmp_path / "small")
     decoded, _ = load_cifar10(folder)
+    [entry] = (tmp_path / "cache").iterdir()  # one folder, no partial one left behind
+    old_format = entry.with_name(entry.name + ".npz")  # how an earlier version cached the same images: replaced
+    old_format.write_bytes(b"an earlier version's cache")
+    shutil.rmtree(entry)
+    assert np.array_equal(load_cifar10(folder)[0]["train_images"], decoded["train_images"])
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [entry.name]
     cached, _ = load_cifar10(folder)
     assert isinstance(cached["train_images"], np.memmap) and not cached["train_images"].flags.writeable
     assert all(np.array_equal(decoded[k], cached[k]) for k in decoded)
-    [entry] = (tmp_path / "cache").iterdir()  # one folder, no partial one left behind
     images = entry / "train_images.npy"
     images.write_bytes(images.read_bytes()[:-100])
     again, _ = load_cifar10(folder)
