@@ -126,8 +126,8 @@ class Hyperparameters:
 # at 128 px for 4 epochs with Level 3's CPU recipe: AdamW lr 1e-3, weight decay 0.05, label smoothing 0.1, Level 2's
 # crop, flip and colour jitter; no AutoAugment, stochastic depth, MixUp or CutMix. Why, measured on a 2-core AMD EPYC
 # with AVX-512 and bf16 hardware (the runs: docs/cpu-profile.md; the speeds: results/cpu/bench/):
-# - cifarnet trains at 529 img/s in bf16 (fp32: 234), 16 epochs in 21 min (airbench's 10 are too few for the smaller,
-#   lossy data set: a judgment). Alone it made 90.63 and 90.87% test (seeds 42 and 43), as accurate as lite0+SE but
+# - cifarnet trains at 529 img/s in bf16 (fp32: 234), 16 epochs in 21 min (airbench's 10: 90.00% test alone in 12.6
+#   min, 0.6 points less). Alone it made 90.63 and 90.87% test (seeds 42 and 43), as accurate as lite0+SE but
 #   wrong on other images (they disagree on 10.8-11.1% of the test set, two cifarnet seeds on 8.6%).
 # - lite2 and lite0+SE train at 55-69 and 78-89 img/s in eager fp32 (bf16 and compile gain nothing for their depthwise
 #   convolutions). lite2 is the best single member measured here (5 epochs alone: 92.25% test; lite0+SE 91.22-91.28%).
