@@ -93,7 +93,7 @@ def summary(
     """Rebuild OUT/summary.md from the saved results, without training; or, with --readme, the README's table."""
     console = _light_console()
     if readme:
-        from common.summary import render_readme, write_readme
+        from common.runner.readme import render_readme, write_readme
 
         path = ROOT / "README.md"
         if check:
@@ -105,7 +105,7 @@ def summary(
         console.print(f"{'Rewrote' if changed else 'Unchanged:'} {path.name}'s results table and pictures, from "
                       f"results/", highlight=False)
         return
-    from common.summary import write_summary
+    from common.runner.summary import write_summary
 
     path = write_summary(out_dir)
     console.print(f"Wrote {path}")
@@ -121,8 +121,8 @@ def record(
     """File a finished full-data run as a kept record: results/<cpu|gpu>/levelN.json, its figures as small PNGs
     in docs/img, then README.md's results table and pictures regenerated. Refuses smoke, partial or unfinished
     runs. See docs/records.md."""
-    from common.filing import FilingError, file_run
-    from common.summary import write_readme
+    from common.runner.filing import FilingError, file_run
+    from common.runner.readme import write_readme
 
     console = _light_console()
     if level not in LEVEL_FILES:
@@ -166,7 +166,7 @@ def bench(
                                        "ways (eager and compiled, fp32 and bf16)"),
 ) -> None:
     """Measure each level's training speed against the device's limit: writes OUT/bench.json and OUT/bench.md."""
-    from common.bench import run_bench
+    from common.runner.bench import run_bench
 
     sources, level1_main = {}, None
     for number, path in LEVEL_FILES.items():
@@ -219,7 +219,7 @@ def status_table(out_dir: Path):
     from rich.table import Table
 
     from common.records import load_metrics
-    from common.summary import ACCURACY_BARS, LEVELS, meets_bar, status_text
+    from common.runner.summary import ACCURACY_BARS, LEVELS, meets_bar, status_text
 
     runs = load_metrics(out_dir) if out_dir.is_dir() else {}
     colours = {"complete": "green", "running": "cyan", "interrupted": "yellow", "failed": "red"}
@@ -318,7 +318,7 @@ def status(out_dir: Path = typer.Option(Path("outputs"), help="the folder the le
 
 
 def _build_se(entry: dict, num_classes: int):
-    """Level 3's SE network, for common.predict (common/ does not import levels/; the runner may)."""
+    """Level 3's SE network, for common.runner.predict (common/ does not import levels/; the runner may)."""
     from levels.level3_advanced import build_se_model
 
     return build_se_model(entry["model"], False, None, num_classes=num_classes,
@@ -345,7 +345,7 @@ def run_predict(images: list[Path], level: int | None, out_dir: Path, test_index
                 device: str, top: int) -> int:
     from rich.table import Table
 
-    from common.predict import PredictError, find_model, load_image, load_saved_model, predict_probabilities
+    from common.runner.predict import PredictError, find_model, load_image, load_saved_model, predict_probabilities
 
     console = _light_console()
 

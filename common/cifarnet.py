@@ -83,7 +83,7 @@ CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 def parse_widths(text: str) -> tuple[int, int, int]:
     """--cifarnet-widths "64,256,256" -> (64, 256, 256)."""
-    from common.training import SetupError
+    from common.device import SetupError
 
     try:
         widths = tuple(int(w) for w in text.split(","))

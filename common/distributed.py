@@ -13,7 +13,7 @@ needs no code of its own for it; the shared engine does the rest:
 - train_one_epoch() sums loss and accuracy over the processes; evaluate() splits the images between the
   processes and gathers every logit back, in order, so every process sees the same metrics and keeps the
   same best epoch;
-- only rank 0 draws the live table and writes files (common.progress, common.results).
+- only rank 0 draws the live table and writes files (common.progress, common.runner.results).
 
 Not synchronized: BatchNorm statistics in layers that train are computed per process on its share of the
 batch (as in most DDP recipes), so a run that trains BatchNorm layers differs slightly from a 1-GPU run.

@@ -45,7 +45,7 @@ def fine_tune_scope(backbone: nn.Module, scope: str) -> list[nn.Module]:
 
 def check_scope(scope: str) -> None:
     """--fine-tune-scope, checked before anything trains (Level 2's first arms train the head alone)."""
-    from common.training import SetupError
+    from common.device import SetupError
 
     if scope not in SCOPES:
         raise SetupError(f"--fine-tune-scope must be one of {', '.join(SCOPES)}, not '{scope}'.")

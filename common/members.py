@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from common.training import SetupError
+from common.device import SetupError
 
 
 FROM_SCRATCH = ("cifarnet",)  # members that are not timm models: common/cifarnet.py's network

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from torch import nn
 
-from common.training import SetupError
+from common.device import SetupError
 
 OFFLINE_HELP = ("On a machine without internet, pass --weights FILE (a timm state dict for this model) "
                 "or --no-pretrained (random initialization).")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -17,11 +18,24 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from common.distributed import is_main_process
-from common.training import EpochStats
 
 # Long lines stay whole in logs; a terminal wraps them itself. Under torchrun only rank 0 prints: the other
 # processes compute the same metrics, and N copies of every line would only garble the terminal.
 console = Console(soft_wrap=True, quiet=not is_main_process())
+
+
+@dataclass
+class EpochStats:
+    """One epoch's row: what the live table shows and metrics.json keeps in its history."""
+
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    lr: float  # at the epoch's first step (the schedule steps per batch)
+    images_per_second: float
+    seconds: float
 
 
 def _format_row(s: EpochStats) -> list[str]:

@@ -47,16 +47,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.cli import parse_args
+from common.runner.cli import parse_args
 from common.distributed import gather_in_order
 from common.models import check_input_size, create_model, normalization, pretrained_tag, zero_head
 from common.plots import plot_training_curves
 from common.progress import TrainingDisplay
-from common.results import LevelRun
+from common.runner.results import LevelRun
+from common.progress import EpochStats
 from common.training import (
-    EpochStats, TensorBatches, autocast, check_finite, cosine_schedule, count_parameters, evaluate, freeze, make_optimizer,
-    model_input, process_share, rng_state, set_rng_state,
+    TensorBatches, check_finite, cosine_schedule, count_parameters, evaluate, freeze, make_optimizer, model_input,
+    process_share,
 )
+from common.device import autocast, rng_state, set_rng_state
 
 # ----------------------------------------------------------------------------------------------------------
 #                                            Hyperparameters
@@ -101,7 +103,7 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
 
     # ------------------------------------------------------------------------------------------------------
     #                                              Setup
-    device = run.setup(settings)  # seeds, device; the output folder and --weights files checked (common/results.py)
+    device = run.setup(settings)  # seeds, device; the output folder and --weights files checked (LevelRun)
 
     # ------------------------------------------------------------------------------------------------------
     #                                              Data
@@ -221,7 +223,7 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
 def bench_recipes(overrides: dict) -> list:
     """What `python run.py bench` times for this level: the head on the frozen backbone run live (the
     --no-cache-features path, whose speed is the backbone's)."""
-    from common.bench import Recipe, random_timm_model, train_only_head, with_overrides
+    from common.runner.bench_recipes import Recipe, random_timm_model, train_only_head, with_overrides
 
     hp = with_overrides(Hyperparameters(), overrides, profiles=dict(cpu=CPU_PROFILE))
     return [Recipe(1, "Level 1", hp.model, hp.img_size, hp.batch_size, hp.feature_batch_size,

@@ -49,13 +49,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `import common` 
 import torch
 from torch import nn
 
-from common.cli import parse_args
+from common.runner.cli import parse_args
 from common.data import CLASSES, stratified_subset
 from common.finetuning import (SCOPE_WORDS, augmentation_steps, check_scope, crop_flip_jitter, evaluation_batches,
                                fine_tune_scope, train)
 from common.models import check_input_size, create_model, last_stage, pretrained_tag, train_only, zero_head
 from common.plots import plot_ablation, plot_augmentation, plot_training_curves
-from common.results import LevelRun
+from common.runner.results import LevelRun
 from common.stats import compare_with_level, describe, difference, standard_error
 from common.training import FitResult, count_parameters
 
@@ -151,7 +151,7 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
     # ------------------------------------------------------------------------------------------------------
     #                                              Setup
     check_scope(hp.fine_tune_scope)  # now: the arms that train the head alone would not find a typo in it
-    device = run.setup(settings)  # seeds, device; the output folder and --weights files checked (common/results.py)
+    device = run.setup(settings)  # seeds, device; the output folder and --weights files checked (LevelRun)
 
     # ------------------------------------------------------------------------------------------------------
     #                                              Data
@@ -167,7 +167,7 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
     def train_arm(arm: Arm, epochs: int, data: dict, title: str, history: list, run_name: str
                   ) -> tuple[nn.Module, FitResult]:
         model = build_model(hp.model, settings, arm, device, arm.scope, hp.img_size)
-        precision = run.precision_for(model)  # bf16 where the hardware has it and it is faster (common/training.py)
+        precision = run.precision_for(model)  # bf16 where the hardware has it and it is faster (common/device.py)
         # one checkpoint file per training run: the ablation's arm and the main run of the same arm are two runs
         checkpoint = run.checkpoint(run_name, epochs=epochs, train_images=len(data["train"][1]))
         return model, train(model, data, hp, epochs=epochs, augmented=arm.augment, seed=settings.seed,
@@ -274,7 +274,7 @@ def augmentation_figure(run: LevelRun, splits, hp: Hyperparameters, device, seed
 
 def bench_recipes(overrides: dict) -> list:
     """What `python run.py bench` times for this level: the recipe's trainable part, with its augmentation."""
-    from common.bench import Recipe, random_timm_model, train_part, with_overrides
+    from common.runner.bench_recipes import Recipe, random_timm_model, train_part, with_overrides
 
     hp = with_overrides(Hyperparameters(), overrides, profiles=dict(cpu=CPU_PROFILE))
     return [Recipe(2, "Level 2", hp.model, hp.img_size, hp.batch_size, hp.eval_batch_size,

@@ -55,17 +55,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.cli import parse_args
+from common.runner.cli import parse_args
 from common.data import CLASSES
 from common.finetuning import SCOPE_WORDS, augmentation_steps, evaluation_batches, fine_tune_scope, train
 from common.io import write_text_atomic
 from common.models import (check_input_size, create_model, last_stage, normalization, pretrained_tag, train_only,
                            zero_head)
 from common.plots import plot_confusion_matrix, plot_gradcam, plot_se_gates, plot_top_losses, plot_training_curves
-from common.results import LevelRun
+from common.runner.results import LevelRun
 from common.stats import compare_with_level, describe, difference, standard_error
 from common.saliency import grad_cam
-from common.training import SetupError, average_views, count_parameters, evaluate, model_input
+from common.device import SetupError
+from common.training import average_views, count_parameters, evaluate, model_input
 
 # ----------------------------------------------------------------------------------------------------------
 #                                            Hyperparameters
@@ -230,7 +231,7 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
 
     # ------------------------------------------------------------------------------------------------------
     #                                              Setup
-    device = run.setup(settings)  # seeds, device; the output folder and --weights files checked (common/results.py)
+    device = run.setup(settings)  # seeds, device; the output folder and --weights files checked (LevelRun)
 
     # ------------------------------------------------------------------------------------------------------
     #                                              Data
@@ -245,7 +246,7 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
     train_only(model, [*fine_tune_scope(model.backbone, hp.fine_tune_scope), model.se, zero_head(model)])
     model = model.to(device, memory_format=torch.channels_last)
     check_input_size(model, hp.img_size, hp.model)
-    precision = run.precision_for(model)  # bf16 where the hardware has it and it is faster (common/training.py)
+    precision = run.precision_for(model)  # bf16 where the hardware has it and it is faster (common/device.py)
     se_blocks = [b for b in model.modules() if isinstance(b, SqueezeExcitation)]
     se_before = [p.detach().clone() for b in se_blocks for p in b.parameters()]
     metrics.update(total_parameters=count_parameters(model),
@@ -350,7 +351,7 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
 
 def bench_recipes(overrides: dict) -> list:
     """What `python run.py bench` times for this level: backbone + SE, its trainable part, Level 2's augmentation."""
-    from common.bench import Recipe, train_part, with_overrides
+    from common.runner.bench_recipes import Recipe, train_part, with_overrides
     from common.finetuning import crop_flip_jitter
 
     hp = with_overrides(Hyperparameters(), overrides, profiles=dict(cpu=CPU_PROFILE))

@@ -6,7 +6,7 @@ What this level teaches
     each predicts every image, also mirrored (test-time augmentation); their probabilities are averaged by
     voting, with weights fitted on the validation set only; every member and ensemble is then compared on the
     test set, once. Members that make *different* mistakes are what an ensemble feeds on, so the comparison
-    measures that (pairwise disagreement) next to accuracy, log-loss and calibration. common/report.py writes
+    measures that (pairwise disagreement) next to accuracy, log-loss and calibration. common/runner/report.py writes
     the numbers up as OUT/level4/report.md.
 
 What changed since Level 3
@@ -59,20 +59,20 @@ from torch import nn
 
 from common import cifarnet
 from common.augment import autoaugment_cifar10, color_jitter, random_crop_flip, tta_views
-from common.cli import parse_args
+from common.runner.cli import parse_args
 from common.io import save_npz_atomic
 from common.members import member_names, member_network, member_seed_offset, member_weights
 from common.models import create_model, freeze_first_stages, normalization, zero_head
 from common.progress import TrainingDisplay
-from common.report import (
+from common.runner.report import (
     CALIBRATION_BINS, comparison_row, log_loss, per_class_gains, plot_ensemble_figures, write_ensemble_report,
 )
-from common.results import LevelRun
+from common.runner.results import LevelRun
 from common.stats import paired_difference
 from common.training import (
-    EpochCountingBatches, SetupError, TensorBatches, autocast, count_parameters, fit, make_optimizer, model_input,
-    synchronize, warmup_cosine,
+    EpochCountingBatches, TensorBatches, count_parameters, fit, make_optimizer, model_input, warmup_cosine,
 )
+from common.device import SetupError, autocast, synchronize
 
 # ----------------------------------------------------------------------------------------------------------
 #                                            Hyperparameters
@@ -308,7 +308,7 @@ def run_member(run: LevelRun, number: int, count: int, name: str, weights: str |
     network = member_network(name)  # a copy (NAME#2) is NAME's network, trained with its own seed
     from_scratch = network == CIFARNET
     model = build_member(name, settings.pretrained, weights, hp)
-    precision = run.precision_for(model, key=name)  # can differ per member (see common.training.select_precision)
+    precision = run.precision_for(model, key=name)  # can differ per member (see common.device.select_precision)
     init = "random" if from_scratch else weights or ("imagenet" if settings.pretrained else "random")
     img_size, epochs = (32, hp.cifarnet_epochs) if from_scratch else (hp.img_size, hp.epochs)
     record = metrics["members"][name] = dict(member=name, status="training", init=init, history=[],
@@ -436,7 +436,7 @@ def mixing(hp: Hyperparameters) -> tuple[Callable | None, nn.Module]:
 
 def bench_recipes(overrides: dict) -> list:
     """What `run.py bench` times: each member trained in full, with this level's augmentation and MixUp/CutMix."""
-    from common.bench import Recipe, with_overrides
+    from common.runner.bench_recipes import Recipe, with_overrides
 
     hp = with_overrides(Hyperparameters(), overrides, profiles=dict(cpu=CPU_PROFILE))
     mix, loss_fn = mixing(hp)

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from common.bench import peak_flops
+from common.runner.bench_timing import peak_flops
 from conftest import run_cli
 
 
@@ -64,7 +64,7 @@ def test_each_recipe_has_its_throughput_overhead_flops_and_memory(bench):
 
 
 def test_level1_comparison_runs_the_level_both_ways(cifar_dir):
-    from common.bench import level1_speedup
+    from common.runner.bench import level1_speedup
     from levels.level1_baseline import main
 
     l1 = level1_speedup(main, "efficientnet_lite0", 32, (160, 40, 40), cifar_dir, "cpu")
@@ -114,6 +114,6 @@ def test_peak_flops_are_matched_by_device_name(monkeypatch, name, tflops):
     ("all (from scratch)", dict(train="bf16", inference="bf16"), True, "compiled-bf16"),
 ])
 def test_the_way_the_levels_use_follows_what_each_recipe_trains(trainable, precision, compiled, chosen):
-    from common.bench import chosen_mode
+    from common.runner.bench_report import chosen_mode
 
     assert chosen_mode(dict(trainable=trainable, precision=precision, compile_default=compiled)) == chosen

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.summary import ACCURACY_BARS, render_summary
+from common.runner.summary import ACCURACY_BARS, render_summary
 from conftest import ROOT, run_cli, status_row
 
 ENV = {"COLUMNS": "250"}  # rich tables on one line per row, for parsing

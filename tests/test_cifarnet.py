@@ -61,7 +61,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(cifar_dir, straight_run,
 def test_predict_rebuilds_cifarnet_and_gives_the_levels_own_probabilities(cifar_dir, straight_run):
     """The saved ensemble (one cifarnet member, six views) predicts a test image as the level did."""
     from common.data import load_splits
-    from common.predict import load_saved_model, predict_probabilities
+    from common.runner.predict import load_saved_model, predict_probabilities
 
     out, m = straight_run
     saved = load_saved_model(out / "level4" / "model.pt")

@@ -67,7 +67,7 @@ def test_bench_profile_cpu_times_each_recipe_four_ways(cifar_dir, tmp_path):
     assert any(t["target"].startswith("Level 4: cifarnet: the chosen way ≥ 1.5x eager fp32 with glibc's default")
                for t in report["targets"])
     # what ran, on which code, and how long the whole benchmark took: the README's list of kept runs says it
-    from common.summary import readme_speed
+    from common.runner.readme import readme_speed
     from common.training import code_version
 
     assert report["command"].startswith("run.py bench --profile cpu --quick") and report["started_at"]

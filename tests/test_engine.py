@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from common import training
-from common.cli import QUICK_PROFILE, parse_args
-from common.training import (TensorBatches, fit, freeze, make_optimizer, select_precision,
-                             set_train_mode)
+from common import device, training
+from common.runner.cli import QUICK_PROFILE, parse_args
+from common.training import TensorBatches, fit, freeze, make_optimizer, set_train_mode
+from common.device import select_precision
 from conftest import run_cli, untimed
 
 
@@ -23,7 +23,7 @@ def test_gpu_precision_follows_compute_capability_not_is_bf16_supported(monkeypa
     chosen = select_precision(torch.device("cuda"))
     assert (chosen.name, chosen.inference_name, chosen.use_grad_scaler) == (name, name, scaler)
     if capability < (8, 0):  # a T4 only emulates bf16: asking for it is refused with a message
-        with pytest.raises(training.SetupError, match="no bf16 units"):
+        with pytest.raises(device.SetupError, match="no bf16 units"):
             select_precision(torch.device("cuda"), "bf16")
 
 
@@ -31,18 +31,18 @@ def test_cpu_precision_uses_bf16_only_where_it_is_faster(monkeypatch):
     cpu = torch.device("cpu")
     depthwise = nn.Sequential(nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 4, 1))
     plain = nn.Sequential(nn.Conv2d(8, 4, 3))
-    monkeypatch.setattr(training, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: True)
     tuned = select_precision(cpu, "auto", depthwise)
     assert (tuned.name, tuned.inference_name) == ("fp32", "bf16") and "depthwise" in tuned.reason
     tuned = select_precision(cpu, "auto", plain)
     assert (tuned.name, tuned.inference_name) == ("bf16", "bf16")
     assert select_precision(cpu, "fp32", plain).inference_name == "fp32"
-    with pytest.raises(training.SetupError, match="needs a CUDA GPU"):
+    with pytest.raises(device.SetupError, match="needs a CUDA GPU"):
         select_precision(cpu, "fp16")
-    monkeypatch.setattr(training, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: False)
     slow = select_precision(cpu, "auto", plain)
     assert (slow.name, slow.inference_name) == ("fp32", "fp32") and "no bf16 hardware" in slow.reason
-    with pytest.raises(training.SetupError, match="no bf16 hardware"):
+    with pytest.raises(device.SetupError, match="no bf16 hardware"):
         select_precision(cpu, "bf16")
 
 
@@ -140,7 +140,7 @@ def _resumable_run(tmp_path, stop_in_epoch=None, resume=False):
     per-batch transform, numpy in the loss), with a checkpoint; optionally killed part-way through an epoch."""
     import numpy as np
 
-    training.seed_everything(3)
+    device.seed_everything(3)
     model = nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.3), nn.ReLU(), nn.Linear(16, 3))
     x, y = torch.randn(96, 6), torch.randint(0, 3, (96,))
     val = TensorBatches(x[:32], y[:32], 16)
@@ -183,8 +183,8 @@ def test_fit_resumed_after_a_kill_mid_epoch_ends_bit_identical(tmp_path):
     fresh, _ = _resumable_run(tmp_path / "b", resume=False)
     assert fresh.resumed_epochs == 0
     other = training.EpochCheckpoint(tmp_path / "b" / "ckpt.pt", dict(recipe=2), resume=True)
-    with pytest.raises(training.SetupError, match="recipe: 1 there, 2 now"):
+    with pytest.raises(device.SetupError, match="recipe: 1 there, 2 now"):
         other.load()
     (tmp_path / "b" / "ckpt.pt").write_bytes(b"truncated")
-    with pytest.raises(training.SetupError, match="cannot be read"):
+    with pytest.raises(device.SetupError, match="cannot be read"):
         other.load()

@@ -69,7 +69,7 @@ def test_the_level2_pipeline_changes_each_copy_of_an_image_differently():
 def test_frozen_layers_stay_exactly_as_pretrained_while_the_last_stage_and_head_train(cifar_dir, lite0_weights):
     from common.data import load_splits
     from common.models import last_stage
-    from common.training import select_precision
+    from common.device import select_precision
 
     splits = load_splits(cifar_dir, train_size=128, val_size=50, test_size=10)
     images = {"train": (splits.train.images, splits.train.labels), "val": (splits.val.images, splits.val.labels)}

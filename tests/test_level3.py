@@ -76,7 +76,7 @@ def test_se_in_the_last_stage_fills_every_blocks_se_slot():
 
 
 def test_se_model_reports_bad_weights_like_every_level(tmp_path):
-    from common.training import SetupError
+    from common.device import SetupError
 
     with pytest.raises(SetupError, match="does not exist"):
         build_se_model("efficientnet_lite0", pretrained=True, weights=str(tmp_path / "missing.pth"))

@@ -150,7 +150,7 @@ def test_tta_flipped_view_is_the_mirror_image_and_tta_averages_the_views(cifar_d
     from common.data import load_splits
     from common.progress import TrainingDisplay
     from common.augment import hflip, shift, tta_views
-    from common.training import select_precision
+    from common.device import select_precision
     from levels.level4_expert import predict
 
     images = load_splits(cifar_dir, train_size=10, val_size=10, test_size=20).test.images
@@ -180,7 +180,7 @@ def test_tta_flipped_view_is_the_mirror_image_and_tta_averages_the_views(cifar_d
 
 
 def test_expected_calibration_error_matches_a_hand_worked_example():
-    from common.report import expected_calibration_error
+    from common.runner.report import expected_calibration_error
 
     # five images, five bins of width 0.2: (0, .2], (.2, .4], (.4, .6], (.6, .8], (.8, 1]
     probs = np.array([[0.95, 0.03, 0.01, 0.01],   # confidence .95, label 0: right   -> bin (.8, 1]
@@ -223,7 +223,7 @@ def test_training_augmentation_is_autoaugment_then_crop_and_flip_per_image(cifar
 
 def test_flag_errors_are_messages():
     from common.members import member_names, member_weights
-    from common.training import SetupError
+    from common.device import SetupError
     from levels.level4_expert import Hyperparameters, check_recipe
 
     with pytest.raises(SetupError, match="even batch size"):
@@ -380,7 +380,8 @@ def test_frozen_stages_keep_their_pretrained_weights_and_the_rest_trains(cifar_d
 
 def test_mixup_cutmix_soft_targets_reach_the_loss():
     """The loss sees soft targets: label-smoothed and, in mixed rows, two classes at once."""
-    from common.training import select_precision, train_one_epoch
+    from common.device import select_precision
+    from common.training import train_one_epoch
     from levels.level4_expert import Hyperparameters, mixing
 
     torch.manual_seed(0)
@@ -426,7 +427,7 @@ def test_drop_path_is_active_in_training_and_off_in_evaluation():
 
 
 def test_report_says_when_the_members_are_one_family():
-    from common.report import _one_family_caveat
+    from common.runner.report import _one_family_caveat
 
     assert "one family (efficientnet)" in _one_family_caveat(["efficientnet_lite0+se", "efficientnet_lite1",
                                                                "efficientnet_lite2"])

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run_cli
 
-from common.filing import (
-    FULL_SIZES, IMG_WIDTHS, KEPT_FIGURES, FilingError, code_version_at, figure_name, file_run, load_records,
-    problems, record_kind,
+from common.runner.filing import (
+    FULL_SIZES, IMG_WIDTHS, KEPT_FIGURES, FilingError, code_version_at, figure_name, file_run, load_records, problems,
+    record_kind,
 )
-from common.summary import PICTURES, TEACHES, _model_text, readme_pictures, render_readme
+from common.runner.readme import PICTURES, TEACHES, _model_text, readme_pictures, render_readme
 
 README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
@@ -82,7 +82,7 @@ def test_every_relative_link_and_image_resolves(page: Path):
 
 def test_the_readme_shows_the_recorded_pictures():
     """Every image the README shows exists; and it shows at least four once the records hold that many
-    pictures (common/summary.py's PICTURES): with fewer filed so far, as many as there are."""
+    pictures (common/runner/readme.py's PICTURES): with fewer filed so far, as many as there are."""
     images = readme_images(README.read_text())
     assert all((ROOT / image).is_file() for image in images), images
     cpu = load_records("cpu")

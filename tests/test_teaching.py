@@ -70,7 +70,7 @@ def full_test(cifar_dir):
 def rebuilt_level3(level3):
     """Level 3's saved model, rebuilt as `run.py predict` rebuilds it, on the CPU in eval mode."""
     import run
-    from common.predict import load_saved_model
+    from common.runner.predict import load_saved_model
 
     return load_saved_model(level3["out"] / "level3" / "model.pt", builders={"se": run._build_se})
 
@@ -163,8 +163,8 @@ def test_predict_averages_an_ensembles_members_over_views_with_their_vote_weight
     import timm
 
     from common.data import CLASSES
-    from common.predict import load_saved_model, predict_probabilities
-    from common.results import MODEL_FORMAT
+    from common.runner.predict import load_saved_model, predict_probabilities
+    from common.runner.results import MODEL_FORMAT
     from common.training import model_input
 
     torch.manual_seed(0)
@@ -214,7 +214,7 @@ def test_predict_averages_an_ensembles_members_over_views_with_their_vote_weight
 
 def test_top_losses_are_the_highest_loss_test_images_with_their_probabilities(level3, rebuilt_level3, cifar_dir):
     from common.data import CLASSES, load_splits
-    from common.predict import predict_probabilities
+    from common.runner.predict import predict_probabilities
 
     m, logits, labels = level3["metrics"], level3["logits"], level3["labels"]
     assert m["figures"]["top_losses"] == "level3/top_losses.png" and (level3["out"] / "level3/top_losses.png").is_file()

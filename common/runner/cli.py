@@ -12,7 +12,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass
 
-from common.training import PRECISIONS
+from common.device import PRECISIONS
 
 # The smoke profile: small enough to finish Level 1 in well under a minute on a 2-core CPU.
 # Its numbers are not comparable with a full run (a tenth of the test set, one epoch, tiny images).

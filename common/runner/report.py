@@ -16,7 +16,7 @@ import numpy as np
 from common.data import CLASSES
 from common.io import safe_filename, write_text_atomic
 from common.stats import describe
-from common.summary import precision_text
+from common.runner.summary import precision_text
 
 CALIBRATION_BINS = 15
 
@@ -381,7 +381,7 @@ def render_ensemble_report(metrics: dict, title: str) -> str:
 def write_ensemble_report(run, title: str) -> None:
     """OUT/level4/report.md, and Level 4's sections of summary.md (metrics["sections"]), from run.metrics.
 
-    The members may train in different precisions (common.training.select_precision): the record's
+    The members may train in different precisions (common.device.select_precision): the record's
     environment then names each member's."""
     metrics = run.metrics
     trained_in = {name: p["train"] for name, p in metrics["precision"].items()}

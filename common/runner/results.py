@@ -23,8 +23,9 @@ from common.io import OutputError, check_writable, safe_filename, save_npz_atomi
 from common.models import weight_files
 from common.progress import console
 from common.records import metrics_path, this_process, write_metrics
-from common.summary import write_summary
-from common.training import EpochCheckpoint, SetupError, TrainingDiverged, code_version
+from common.runner.summary import write_summary
+from common.training import EpochCheckpoint, TrainingDiverged, code_version
+from common.device import SetupError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -66,7 +67,7 @@ def environment(device, precision=None) -> dict:
     import torch
     import torchvision
 
-    from common.training import device_name
+    from common.device import device_name
 
     return dict(device=device_name(device), device_type=device.type,
                 precision=precision.name if precision else None,
@@ -100,7 +101,7 @@ class LevelRun:
     def setup(self, settings):
         """Seeds, device (joining the process group under torchrun), backends; recorded in metrics.
         Returns the device; the precision depends on the model too: see precision_for()."""
-        from common.training import configure_backends, seed_everything, select_device
+        from common.device import configure_backends, seed_everything, select_device
 
         check_writable(self.out_dir)
         weight_files(settings.weights)  # a mistyped --weights path: said now, before the data loads
@@ -113,7 +114,7 @@ class LevelRun:
 
     def _resolve_compile(self, settings) -> bool:
         """--compile, where torch.compile works here; recorded in metrics.json (`compile`) with the reason."""
-        from common.training import compiler_problem
+        from common.device import compiler_problem
 
         if not settings.compile:
             self.metrics["compile"] = dict(used=False, reason="eager (--no-compile, the default)")
@@ -128,7 +129,7 @@ class LevelRun:
 
     def precision_for(self, model, key: str | None = None):
         """Training and inference precision for `model` (--precision), recorded with its reason."""
-        from common.training import select_precision
+        from common.device import select_precision
 
         precision = select_precision(self.device, self.settings.precision, model)
         if key is None:

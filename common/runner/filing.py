@@ -9,7 +9,7 @@ worth keeping is filed with `python run.py record --level N --from OUT_DIR`:
 - the run's figures are copied into docs/img/ as small PNGs (level3-confusion-matrix.png, ...), so that
   the README can show them and the whole of docs/img stays under IMG_BUDGET_BYTES (1 MB).
 
-The README's results table and pictures are generated from these records (common/summary.py, `python run.py
+The README's results table and pictures are generated from these records (common/runner/readme.py, `python run.py
 summary --readme`): a number in the README is always one that a kept record holds.
 
 Only a run that finished (`complete`) on the whole data set is filed; a smoke run (`--quick`), a run on a
@@ -38,7 +38,7 @@ RECORD_KINDS = ("cpu", "gpu")  # results/cpu: the CPU profile on a CPU; results/
 FULL_SIZES = dict(train_size=40_000, val_size=10_000, test_size=10_000)
 
 # The figures kept per level (the keys a level gives run.add_figure): those the README can show
-# (common/summary.py's PICTURES). The others (Level 2's ablation chart, Level 4's per-member curves) stay in the
+# (common/runner/readme.py's PICTURES). The others (Level 2's ablation chart, Level 4's per-member curves) stay in the
 # output folder: docs/img has a budget.
 KEPT_FIGURES = {
     1: ("curves",),
@@ -124,12 +124,13 @@ def _git(root: Path, *args: str, stdin: bytes | None = None) -> bytes:
 
 def code_version_at(commit: str, root: Path = ROOT) -> str:
     """common.training.code_version() of the code as committed at `commit`: the same digest (sha256 over each
-    common/*.py and levels/*.py file's path and bytes, in path order), read from git instead of the disk."""
+    .py file's path and bytes under common/, at any depth, and directly in levels/, in path order), read from git
+    instead of the disk."""
     entries = []
-    for line in _git(root, "ls-tree", commit, "--", "common/", "levels/").decode().splitlines():
+    for line in _git(root, "ls-tree", "-r", commit, "--", "common/", "levels/").decode().splitlines():
         meta, path = line.split("\t", 1)
         _, kind, blob = meta.split()
-        if kind == "blob" and path.endswith(".py") and path.count("/") == 1:  # code_version globs one level deep
+        if kind == "blob" and path.endswith(".py") and (path.startswith("common/") or path.count("/") == 1):
             entries.append((path, blob))
     entries.sort()
     # every blob in one `git cat-file --batch` call: "<sha> blob <size>\n<bytes>\n" per blob

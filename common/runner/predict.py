@@ -8,7 +8,7 @@ An image goes the way CIFAR-10's images went, then the way the test set went dur
      common.training.model_input with the saved img_size, mean and std, the model in eval mode, softmax, in
      the inference precision a level picks for its test set with --precision auto (select_precision).
 
-What a model file holds (written by common.results.LevelRun.save_model):
+What a model file holds (written by common.runner.results.LevelRun.save_model):
   kind "timm"      a timm model (Levels 1 and 2), rebuilt with timm.create_model(pretrained=False)
   kind "se"        Level 3's SE network: rebuilt by a builder the caller passes (common/ does not import levels/)
   kind "cifarnet"  common/cifarnet.py's from-scratch network (a Level 4 member), rebuilt from its `widths`
@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 # torch is imported inside the functions: a wrong path or a level that has not run is reported at once.
 
-MODEL_FORMAT = "cifar10-levels model v1"  # as common.results.MODEL_FORMAT (not imported: results pulls in more)
+MODEL_FORMAT = "cifar10-levels model v1"  # as common.runner.results.MODEL_FORMAT (not imported: results pulls in more)
 
 
 class PredictError(Exception):
@@ -234,7 +234,8 @@ def predict_probabilities(saved: SavedModel, images, precision: str = "auto"):
     import torch
 
     from common.augment import tta_views
-    from common.training import autocast, model_input, select_precision
+    from common.device import autocast, select_precision
+    from common.training import model_input
 
     views = tta_views(tta=True, shifts=True, translates=True)
     total = None
