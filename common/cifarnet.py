@@ -36,8 +36,9 @@ profile's model predicted that way offline: 90.64% test, 90.69% validation), aga
 subsampling halves the colour resolution at 32 px), not measured here: the official data is not on this machine.
 
 Sections: Hyperparameters, Network (with the whitening initialization), Data (alternating flip, translate),
-Optimizer (Nesterov SGD with lookahead, warm-up then decay). Its test-time views (the mirror and 1-px
-translations) are in common/augment.py's tta_views(translates=True), beside the other members' views.
+Optimizer (Nesterov SGD with lookahead, warm-up then decay), Training (train(): the whole recipe, which Level 4
+calls for this member). Its test-time views (the mirror and 1-px translations) are in common/augment.py's
+tta_views(translates=True), beside the other members' views.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.training import EpochCountingBatches
+from common.device import SetupError
+from common.models import normalization
+from common.training import EpochCountingBatches, TensorBatches, fit, model_input
 
 # ----------------------------------------------------------------------------------------------------------
 #                                            Hyperparameters
@@ -83,8 +86,6 @@ CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 def parse_widths(text: str) -> tuple[int, int, int]:
     """--cifarnet-widths "64,256,256" -> (64, 256, 256)."""
-    from common.device import SetupError
-
     try:
         widths = tuple(int(w) for w in text.split(","))
     except ValueError:
@@ -229,6 +230,22 @@ class AlternatingFlipBatches(EpochCountingBatches):
             yield self.transform(x), self.labels[idx]
 
 
+def random_flip_translate(images: torch.Tensor, shift: int = CifarNetRecipe.translate) -> torch.Tensor:
+    """A random flip per image, then a random translation: what `run.py bench` times for this member (the same
+    work per batch as AlternatingFlipBatches, without its epoch count)."""
+    flipped = torch.rand(len(images), device=images.device) < 0.5
+    return translate(torch.where(flipped.view(-1, 1, 1, 1), images.flip(-1), images), shift)
+
+
+def bench_settings(batch_size: int) -> dict:
+    """What `run.py bench` times for this member, as fields of its Recipe (common/runner/bench_recipes.py): 32 px,
+    every layer trained from scratch, flip + translate, SGD and airbench's label smoothing."""
+    return dict(img_size=32, batch_size=batch_size, trainable="all (from scratch)",
+                augmentation="alternating flip + translate", optimizer="sgd", lr=0.1, weight_decay=5e-4,
+                augment=random_flip_translate,
+                loss_fn=nn.CrossEntropyLoss(label_smoothing=CifarNetRecipe.label_smoothing))
+
+
 # ----------------------------------------------------------------------------------------------------------
 #                        Optimizer: Nesterov SGD with lookahead, warm-up then decay
 
@@ -303,3 +320,35 @@ def warmup_then_decay(optimizer, total_steps: int, recipe: CifarNetRecipe):
         return 1.0 + (recipe.final_lr - 1.0) * (step - warm) / max(1, total_steps - warm)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------------------------------------
+#                                    Training: the whole recipe, in fit()
+
+
+def train(model: CifarNet, images: dict, recipe: CifarNetRecipe, eval_batch_size: int, *, seed: int, compile: bool,
+          device: torch.device, precision, display, history: list, checkpoint=None, on_epoch_end=None):
+    """Train `model` from scratch with airbench's recipe: whitened first layer, alternating flip + translation,
+    label smoothing, Nesterov SGD with lookahead, warm-up then decay. `images`: {"train": (images, labels),
+    "val": (...)}, uint8 at 32x32 on the device. Returns common.training.fit's result (checkpoints and
+    --resume included)."""
+    mean, std = normalization(model)
+    to_input = lambda b: model_input(b, 32, mean, std)  # noqa: E731
+    train_images = images["train"][0]
+    # whitening from 5,000 training images spread evenly over the split: the split is stored class by class, so
+    # its first 5,000 would be airplanes and cars only (--resume then loads the saved, identical layer)
+    every = max(1, len(train_images) // recipe.whiten_images)
+    init_whitening(model, to_input(train_images[::every][:recipe.whiten_images]).float())
+    train_batches = AlternatingFlipBatches(*images["train"], recipe.batch_size, seed=seed, shift=recipe.translate,
+                                           transform=to_input)
+    if len(train_batches) == 0:
+        raise SetupError(f"--train-size {len(images['train'][1])} is smaller than one batch of "
+                         f"--cifarnet-batch-size {recipe.batch_size}.")
+    val_batches = TensorBatches(*images["val"], eval_batch_size, transform=to_input)
+    steps = recipe.epochs * len(train_batches)
+    optimizer = make_optimizer(model, recipe, steps)
+    return fit(model, train_batches, val_batches, epochs=recipe.epochs, optimizer=optimizer,
+               scheduler=warmup_then_decay(optimizer, steps, recipe),
+               loss_fn=nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing), device=device,
+               precision=precision, display=display, history=history, checkpoint=checkpoint,
+               on_epoch_end=on_epoch_end, compile=compile)

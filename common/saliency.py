@@ -12,7 +12,7 @@ The map has the feature map's resolution (7 x 7 for a ResNet50 at 224 px, 2 x 2 
 A forward hook on `layer` catches A and hands the rest of the network a detached copy that requires grad:
 the gradient then stops at A, so it is found even when everything before the layer is frozen, and nothing
 is computed for the layers before it. Written here by hand rather than taken from the `grad-cam` package:
-see Level 3's docstring for why.
+docs/predict.md says why.
 """
 
 from __future__ import annotations

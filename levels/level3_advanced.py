@@ -26,14 +26,10 @@ Looking inside the model
     the test predictions (often a wrong label, an odd view, or the cat/dog confusion). se_gates.png: the SE
     block made visible, its gate per channel averaged over each class's test images (in fp32, so that they
     can be recomputed exactly), for the 32 channels whose means differ most between classes: whether, and how
-    much, the block reweights channels by what is in the image (one finding gives the numbers). gradcam.png: Grad-CAM (which regions raised the predicted
-    class) for the most confident right and wrong test predictions, on the SE block's output, the map the
-    head pools. The test set's logits are kept in test_predictions.npz.
-
-    Grad-CAM is written by hand (common/saliency.py, about 30 lines) rather than taken from the `grad-cam`
-    package (pytorch-grad-cam: MIT licence, maintained, and it installs from PyPI here). The package is a
-    source archive only and pulls in OpenCV, scipy, ttach and tqdm for one figure; the method itself is a
-    forward hook, one gradient and a weighted sum, and reading it is part of the lesson.
+    much, the block reweights channels by what is in the image (one finding gives the numbers). gradcam.png:
+    Grad-CAM (which regions raised the predicted class) for the most confident right and wrong test
+    predictions, on the SE block's output, the map the head pools. The test set's logits are kept in
+    test_predictions.npz. Grad-CAM is written by hand (common/saliency.py), not imported: why, in docs/predict.md.
 
 Run
     python levels/level3_advanced.py                 # ResNet50, ImageNet weights from the hub
@@ -50,11 +46,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `import common` when run as a script
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from common.analysis import (findings, findings_text, most_confident, per_class_csv, per_class_results,
+                             per_class_table, row_normalised, top_losses)
 from common.runner.cli import parse_args
 from common.data import CLASSES
 from common.finetuning import SCOPE_WORDS, augmentation_steps, evaluation_batches, fine_tune_scope, train
@@ -63,7 +59,7 @@ from common.models import (check_input_size, create_model, last_stage, normaliza
                            zero_head)
 from common.plots import plot_confusion_matrix, plot_gradcam, plot_se_gates, plot_top_losses, plot_training_curves
 from common.runner.results import LevelRun
-from common.stats import compare_with_level, describe, difference, standard_error
+from common.stats import compare_with_level
 from common.saliency import grad_cam
 from common.device import SetupError
 from common.training import average_views, count_parameters, evaluate, model_input
@@ -95,16 +91,10 @@ class Hyperparameters:
 
 
 # --profile cpu: Level 2's CPU recipe (EfficientNet-Lite0 fine-tuned in full at 128 px) with Level 2's augmentation
-# on, plus the SE block, and one epoch more: 6 where Level 2 trains 5. (EfficientNet-Lite dropped EfficientNet's SE
-# blocks for mobile accelerators, so ours, on the final feature map as with ResNet50, is the network's only one.)
-# Why 6: at 5 epochs this recipe made 90.61% test on the whole data (2-core AVX2 EPYC, 98 min), under the 91% bar,
-# and within noise of Level 2's 90.79% then (the SE block alone does not close the gap); the sixth epoch is the cheapest
-# change that fits 75 min on the AVX-512 EPYC, where an epoch of lite0+SE takes about 10 min (Level 4's run).
-# Measured (results/cpu/level3.json, code c51233c): 91.44% test with the mirror (test-time augmentation, chosen on
-# validation: 91.75% against 91.09% plain), 46.3 min of training and 50.2 in all on the AVX-512 EPYC. Both targets
-# are met. The same training without the mirror made 90.72% (the replaced record: identical epochs, same seed).
-# The SE block's own share, paired on the same test images against Level 2's run of this recipe without it (both
-# plain, no mirror): -0.26 points, within noise (results/cpu/comparisons/se-block.json; docs/cpu-profile.md).
+# on, plus the SE block (EfficientNet-Lite has no SE blocks of its own, so ours, on the final feature map, is the
+# network's only one), and one epoch more: 6 where Level 2 trains 5, because at 5 the recipe stayed under the 91% bar
+# and a sixth epoch was the cheapest change that still fits the CPU's time target. What it measured, and what the SE
+# block adds there (nothing measurable): docs/cpu-profile.md
 CPU_PROFILE = dict(model="efficientnet_lite0", img_size=128, epochs=6, lr=1e-3, weight_decay=0.05,
                    label_smoothing=0.1, fine_tune_scope="all",
                    eval_batch_size=16)  # see Level 1's CPU_PROFILE: small batches are faster on a CPU
@@ -294,20 +284,9 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
 
     # ------------------------------------------------------------------------------------------------------
     #                                 Report: class by class
-    from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
-
-    truth, predicted = test.labels.numpy(), test.logits.argmax(1).numpy()
-    classes = list(range(len(CLASSES)))
-    precision_, recall, f1, support = precision_recall_fscore_support(truth, predicted, labels=classes,
-                                                                      zero_division=0)
-    metrics["per_class"] = [dict(**{"class": name}, precision=float(p), recall=float(r), f1=float(f), support=int(n))
-                      for name, p, r, f, n in zip(CLASSES, precision_, recall, f1, support)]
-    counts = confusion_matrix(truth, predicted, labels=classes)
+    metrics["per_class"], counts, report = per_class_results(test.labels, test.logits)  # scikit-learn's numbers
     metrics["confusion_matrix"] = counts.tolist()  # rows: true class, columns: predicted class, in CLASSES order
-    report = classification_report(truth, predicted, labels=classes, target_names=CLASSES, digits=3, zero_division=0)
-
-    write_text_atomic(run.path("per_class.csv"), "class,precision,recall,f1,support\n" + "".join(
-        f"{c['class']},{c['precision']:.4f},{c['recall']:.4f},{c['f1']:.4f},{c['support']}\n" for c in metrics["per_class"]))
+    write_text_atomic(run.path("per_class.csv"), per_class_csv(metrics["per_class"]))
     write_text_atomic(run.path("classification_report.txt"), report)
     metrics["files"].update({key: run.path(f"{key}.{ext}").relative_to(run.out_dir).as_posix()
                              for key, ext in (("per_class", "csv"), ("classification_report", "txt"))})
@@ -320,15 +299,13 @@ def train_and_evaluate(run: LevelRun, settings, hp: Hyperparameters) -> None:
     # ------------------------------------------------------------------------------------------------------
     #                     Looking inside: the worst mistakes, the SE gates, Grad-CAM
     # the test set's logits, in order (run.evaluate_test kept them in test_predictions.npz): what top_losses.png ranks
-    metrics["top_losses"] = top_losses(test.logits, test.labels)
-    shown = [t["test_position"] for t in metrics["top_losses"]]
+    worst = metrics["top_losses"] = top_losses(test.logits, test.labels)
     run.add_figure("top_losses", plot_top_losses(
-        splits.test.images[shown], [t["true"] for t in metrics["top_losses"]],
-        [t["predicted"] for t in metrics["top_losses"]], [t["probability"] for t in metrics["top_losses"]],
-        [t["loss"] for t in metrics["top_losses"]], run.path("top_losses.png"),
-        f"The {len(shown)} test images with the highest loss (of {metrics['test_size']:,}; {hp.model} + SE)"))
-    metrics["se_gates"] = se_gate_summary(model, evaluation_batches(images, "test", model, hp))
-    gates = metrics["se_gates"]
+        splits.test.images[[t["test_position"] for t in worst]], [t["true"] for t in worst],
+        [t["predicted"] for t in worst], [t["probability"] for t in worst], [t["loss"] for t in worst],
+        run.path("top_losses.png"),
+        f"The {len(worst)} test images with the highest loss (of {metrics['test_size']:,}; {hp.model} + SE)"))
+    gates = metrics["se_gates"] = se_gate_summary(model, evaluation_batches(images, "test", model, hp))
     run.add_figure("se_gates", plot_se_gates(
         gates["class_means"], gates["channels"], list(CLASSES), run.path("se_gates.png"),
         f"SE gates on the final feature map: mean per class over {metrics['test_size']:,} test images, the "
@@ -363,17 +340,6 @@ def bench_recipes(overrides: dict) -> list:
 
 # ----------------------------------------------------------------------------------------------------------
 #                                     Looking inside the model
-
-
-def top_losses(logits: torch.Tensor, labels: torch.Tensor, count: int = 16) -> list[dict]:
-    """The `count` test images with the highest cross-entropy loss, highest first: their position in the test
-    split, true and predicted class, the predicted class's probability and the loss."""
-    losses = F.cross_entropy(logits.float(), labels, reduction="none")
-    probabilities = logits.float().softmax(1)
-    order = torch.argsort(losses, descending=True, stable=True)[:count]
-    return [dict(test_position=int(i), true=CLASSES[int(labels[i])], predicted=CLASSES[int(probabilities[i].argmax())],
-                 probability=float(probabilities[i].max()), true_probability=float(probabilities[i, labels[i]]),
-                 loss=float(losses[i])) for i in order]
 
 
 @torch.no_grad()
@@ -412,22 +378,14 @@ def se_gate_summary(model: SEClassifier, batches, shown: int = 32) -> dict:
 def gradcam_figure(run: LevelRun, model: SEClassifier, splits, test, hp, device, each: int = 4) -> dict:
     """OUT/level3/gradcam.png: Grad-CAM of the predicted class for the `each` most confident correct and the
     `each` most confident wrong test predictions, on the SE block's output (the map the head pools)."""
-    probabilities = test.logits.float().softmax(1)
-    confidence, predicted = probabilities.max(1)
-    right = predicted == test.labels
-    picks = []
-    for wanted in (True, False):
-        candidates = torch.nonzero(right == wanted).flatten()
-        picks += candidates[torch.argsort(confidence[candidates], descending=True, stable=True)[:each]].tolist()
+    shown = most_confident(test.logits, test.labels, each)
+    pixels = splits.test.images[[s["test_position"] for s in shown]]
     mean, std = normalization(model)
-    pixels = splits.test.images[picks]
     maps, logits = grad_cam(model, model.se, model_input(pixels.to(device), hp.img_size, mean, std),
-                            predicted[picks].to(device), size=32)
+                            torch.tensor([CLASSES.index(s["predicted"]) for s in shown]).to(device), size=32)
     with torch.no_grad():
         feature_map = list(model.backbone.forward_features(model_input(pixels[:1].to(device), hp.img_size, mean,
                                                                        std)).shape[2:])
-    shown = [dict(test_position=int(i), true=CLASSES[int(test.labels[i])], predicted=CLASSES[int(predicted[i])],
-                  probability=float(confidence[i]), correct=bool(right[i])) for i in picks]
     h, w = feature_map
     run.add_figure("gradcam", plot_gradcam(
         pixels, maps, [f"true {s['true']}\npredicted {s['predicted']} {100 * s['probability']:.0f}%" for s in shown],
@@ -435,86 +393,6 @@ def gradcam_figure(run: LevelRun, model: SEClassifier, splits, test, hp, device,
         f"Grad-CAM of the predicted class on the SE output ({h} x {w} feature map, upsampled): the most confident "
         f"right (green) and wrong (red) test predictions"))
     return dict(layer="model.se (the gated final feature map)", feature_map=feature_map, images=shown)
-
-
-def row_normalised(counts: np.ndarray) -> np.ndarray:
-    """Each row (a true class) divided by its number of images: the share predicted as each class."""
-    return counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-
-
-def findings(per_class: list[dict], counts: np.ndarray, test_size: int) -> dict:
-    """The best and worst classes (by F1) and the most confused pairs, from the test set's numbers.
-
-    A pair's confusion counts both directions: the mean of "A predicted as B" and "B predicted as A", each a
-    share of its true class (cat <-> dog is the classic CIFAR-10 pair).
-    """
-    ranked = sorted(per_class, key=lambda c: c["f1"], reverse=True)
-    rates = row_normalised(counts)
-    pairs = sorted(((i, j) for i in range(len(CLASSES)) for j in range(i + 1, len(CLASSES))),
-                   key=lambda ij: rates[ij] + rates[ij[::-1]], reverse=True)
-    return dict(
-        best_classes=ranked[:2], worst_classes=ranked[::-1][:2],
-        confused_pairs=[dict(pair=[CLASSES[i], CLASSES[j]], rate=float(rates[i, j] + rates[j, i]) / 2,
-                             a_as_b=float(rates[i, j]), b_as_a=float(rates[j, i]),
-                             count=int(counts[i, j] + counts[j, i])) for i, j in pairs[:3]],
-        cat_dog_rank=1 + pairs.index((CLASSES.index("cat"), CLASSES.index("dog"))),
-        images_per_class=test_size // len(CLASSES))
-
-
-def per_class_table(per_class: list[dict]) -> str:
-    lines = ["| class | precision | recall | F1 | test images |", "|---|---|---|---|---|"]
-    lines += [f"| {c['class']} | {100 * c['precision']:.1f}% | {100 * c['recall']:.1f}% | {100 * c['f1']:.1f}% | "
-              f"{c['support']} |" for c in per_class]
-    return "\n".join(lines)
-
-
-def findings_text(metrics: dict, level2_text: str) -> str:
-    """The findings, as sentences written from the numbers."""
-    f = metrics["findings"]
-    n = f["images_per_class"]
-
-    def cls(c: dict) -> str:
-        return f"{c['class']} (F1 {100 * c['f1']:.1f}%, recall {100 * c['recall']:.1f}%)"
-
-    gap = difference(f["best_classes"][0]["recall"], f["worst_classes"][0]["recall"], n, n)
-    lines = [
-        f"- Best classes: {cls(f['best_classes'][0])} and {cls(f['best_classes'][1])}. "
-        f"Worst: {cls(f['worst_classes'][0])} and {cls(f['worst_classes'][1])}.",
-        f"- Each class has about {n:,} test images, so one class's recall carries a standard error of up to "
-        f"{100 * standard_error(0.5, n):.1f} points, and classes close in the ranking are not reliably ordered. "
-        f"The best class's recall against the worst's: {describe(gap)}.",
-        "- Most confused pairs (the mean of both directions, each a share of its true class): " + "; ".join(
-            f"{p['pair'][0]}↔{p['pair'][1]} {100 * p['rate']:.1f}% ({100 * p['a_as_b']:.1f}% of {p['pair'][0]} "
-            f"predicted as {p['pair'][1]}, {100 * p['b_as_a']:.1f}% the other way; {p['count']} images)"
-            for p in f["confused_pairs"]) + ".",
-        "- The original assessment expects cat↔dog to be the most confused pair: " + (
-            "so it is here." if f["cat_dog_rank"] == 1 else f"here it ranks {f['cat_dog_rank']} of 45."),
-        f"- Test accuracy {100 * metrics['test_accuracy']:.2f}% on {metrics['test_size']:,} images "
-        f"(± {100 * standard_error(metrics['test_accuracy'], metrics['test_size']):.2f} points, one standard error). "
-        + level2_text,
-        f"- The trained model holds {metrics['se_blocks']} SE block(s) ({metrics['se_parameters']:,} parameters"
-        f"{', trained' if metrics.get('se_trained') else ', unchanged by training'}).",
-    ]
-    tta = metrics.get("tta")
-    if tta:
-        lines.append(
-            f"- Test-time augmentation, chosen on validation: {100 * tta['val_accuracy_plain']:.2f}% plain, "
-            f"{100 * tta['val_accuracy_tta']:.2f}% averaged with each image's mirror, so the test set was predicted "
-            + ("with the mirror (two forward passes per image)." if tta["used"]
-               else "plain (the mirror did not help)."))
-    gates = metrics.get("se_gates")
-    if gates:
-        d = gates["most_different"]
-        lines.append(
-            f"- The SE gates differ by class: channel {d['channel']} of the final feature map averages "
-            f"{d['high']:.2f} for {d['high_class']} and {d['low']:.2f} for {d['low_class']} (test images); across "
-            f"all {gates['num_channels']:,} channels the gates average {gates['mean_gate']:.2f}, and "
-            f"{gates['channels_spread_over_0_1']:,} channels' class means spread over more than 0.1 "
-            f"(`se_gates.png`).")
-    if metrics.get("quick"):
-        lines.append("- Smoke run (`--quick`): small subsets, tiny images; the numbers show that the analysis "
-                     "works, not what the architecture achieves.")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

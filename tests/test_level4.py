@@ -151,7 +151,7 @@ def test_tta_flipped_view_is_the_mirror_image_and_tta_averages_the_views(cifar_d
     from common.progress import TrainingDisplay
     from common.augment import hflip, shift, tta_views
     from common.device import select_precision
-    from levels.level4_expert import predict
+    from common.tta_prediction import predict
 
     images = load_splits(cifar_dir, train_size=10, val_size=10, test_size=20).test.images
     views = tta_views(tta=True, shifts=True)
@@ -224,7 +224,8 @@ def test_training_augmentation_is_autoaugment_then_crop_and_flip_per_image(cifar
 def test_flag_errors_are_messages():
     from common.members import member_names, member_weights
     from common.device import SetupError
-    from levels.level4_expert import Hyperparameters, check_recipe
+    from common.member_training import check_recipe
+    from levels.level4_expert import Hyperparameters
 
     with pytest.raises(SetupError, match="even batch size"):
         check_recipe(Hyperparameters(batch_size=31))
@@ -317,7 +318,8 @@ def test_progressive_resizing_grows_the_images_by_epoch_and_resumes_at_the_right
     """--low-res-epochs 2 --low-res-size 48 --img-size 64 --epochs 3: epochs 1-2 train at 48 px, epoch 3 at 64; a
     copy given the saved state of the batches after two epochs (what --resume loads) continues at 64. The SIGKILL
     test below runs the same through the runner (its flags train each member's first epoch at 48 px)."""
-    from levels.level4_expert import GrowingImageBatches, Hyperparameters, training_sizes
+    from common.member_training import GrowingImageBatches, training_sizes
+    from levels.level4_expert import Hyperparameters
 
     hp = Hyperparameters(epochs=3, low_res_epochs=2, low_res_size=48, img_size=64)
     assert training_sizes(hp) == [48, 48, 64]
@@ -382,7 +384,8 @@ def test_mixup_cutmix_soft_targets_reach_the_loss():
     """The loss sees soft targets: label-smoothed and, in mixed rows, two classes at once."""
     from common.device import select_precision
     from common.training import train_one_epoch
-    from levels.level4_expert import Hyperparameters, mixing
+    from common.member_training import mixing
+    from levels.level4_expert import Hyperparameters
 
     torch.manual_seed(0)
     np.random.seed(0)
