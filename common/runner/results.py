@@ -23,6 +23,8 @@ from common.io import OutputError, check_writable, safe_filename, save_npz_atomi
 from common.models import weight_files
 from common.progress import console
 from common.records import metrics_path, this_process, write_metrics
+from common.runner.run_folder import (FolderInUse, LevelLock, TIME_FORMAT, describe, finished_run, has_checkpoints,
+                                      holder, move_aside, previous_dir)
 from common.runner.summary import write_summary
 from common.training import EpochCheckpoint, TrainingDiverged, code_version
 from common.device import SetupError
@@ -58,7 +60,7 @@ def time_already_spent(out_dir: Path, level: int, metrics: dict) -> float:
 def provenance() -> dict:
     """What a kept result says of its making: the command, when it started, and which code ran (the digest that
     `python run.py record` matches to a commit). A level's metrics.json and the benchmark's bench.json both hold it."""
-    return dict(command=" ".join(sys.argv), started_at=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    return dict(command=" ".join(sys.argv), started_at=time.strftime(TIME_FORMAT),
                 code_version=code_version())
 
 
@@ -96,6 +98,8 @@ class LevelRun:
         # it too, so that "in all" is never less than the training time summed over the epochs
         self.metrics["resumed_after_seconds"] = time_already_spent(self.out_dir, level, self.metrics) \
             if settings.resume else 0.0
+        self.lock = LevelLock(self.out_dir, level)  # one run per level folder: taken by execute(), first of all
+        self.to_keep: dict | None = None  # a finished run found in the folder, moved aside at this run's first write
 
     # -- setup -------------------------------------------------------------------------------------------------
     def setup(self, settings):
@@ -155,8 +159,25 @@ class LevelRun:
 
     # -- files -------------------------------------------------------------------------------------------------
     def path(self, name: str) -> Path:
+        self.keep_finished_run()
         self.dir.mkdir(parents=True, exist_ok=True)
         return self.dir / name
+
+    def keep_finished_run(self) -> None:
+        """Before this run's first write into OUT/levelN: a finished run there is moved to OUT/previous/, whole,
+        and the move is said. Until then it stays in place, so a run stopped by bad input leaves it as it was."""
+        if self.to_keep is None:
+            return
+        kept, self.to_keep = self.to_keep, None
+        what = describe(kept, self.dir)
+        try:
+            where = move_aside(self.dir, kept)
+        except OSError as error:
+            raise OutputError(f"Cannot keep the finished run in {self.dir}: moving it to {previous_dir(self.out_dir)}/ "
+                              f"failed ({error.strerror or error}). Move it yourself, or choose another --out-dir.") \
+                from None
+        console.print(f"Kept the finished run that was in {self.dir} ({what}): moved to {where}/. This run writes a "
+                      f"new {self.dir}/.", highlight=False)
 
     def add_figure(self, key: str, path: Path) -> None:
         """Record a figure that is on disk, by its path relative to the output folder (as summary.md links it)."""
@@ -168,6 +189,7 @@ class LevelRun:
         Its signature is what the training depends on: the recipe (every flag but where and how fast), the data
         (source and split sizes), the code version and `extra`. --resume refuses a checkpoint whose signature
         differs."""
+        self.keep_finished_run()  # its checkpoints are about to be written
         signature = dict(recipe(self.metrics), **extra, code_version=self.metrics["code_version"],
                          data_source=self.metrics.get("data_source"),
                          sizes=[self.metrics.get(k) for k in ("train_size", "val_size", "test_size")],
@@ -217,6 +239,7 @@ class LevelRun:
         self.metrics["total_seconds"] = self.metrics["resumed_after_seconds"] + time.perf_counter() - self.started
         if not is_main_process():  # under torchrun every process holds the same metrics; rank 0 writes them
             return
+        self.keep_finished_run()
         write_metrics(self.out_dir, self.level, self.metrics)
         self.written = True
         if summary:
@@ -224,8 +247,13 @@ class LevelRun:
 
     # -- the end -----------------------------------------------------------------------------------------------
     def _record_failure(self, status: str, error: str, **extra) -> None:
-        """Record how the run ended, with what was measured; a failure to write is reported, not raised."""
+        """Record how the run ended, with what was measured; a failure to write is reported, not raised. A run
+        that has written nothing yet, over a finished run, records nothing: the finished run stays as it was."""
         self.metrics.update(error=error, **extra)
+        if self.to_keep is not None:
+            console.print(f"This run had written nothing yet: the finished run in {self.dir} stays as it was.",
+                          highlight=False)
+            return
         try:
             self.write(status)
         except OutputError as write_error:
@@ -234,7 +262,46 @@ class LevelRun:
     def execute(self, body: Callable[[], None]) -> int:
         """Run the level's body and end the way a user expects: an exit code, a message, never a traceback
         for a problem the user can fix. What was measured is written even when the run stops early; a bug
-        (an unexpected exception) is recorded as `failed` and its traceback still shows."""
+        (an unexpected exception) is recorded as `failed` and its traceback still shows.
+
+        First of all, before anything is read or written: the level folder's lock (a second run there is refused,
+        exit 2), and a finished run found there (--resume: said, exit 0, nothing touched; otherwise kept, moved to
+        OUT/previous/ at this run's first write)."""
+        try:
+            check_writable(self.out_dir)
+            if is_main_process():  # under torchrun, rank 0 holds the lock for the whole run
+                self.lock.acquire(holder(self.metrics))
+        except (FolderInUse, OutputError) as error:
+            console.print(f"[bold red]Error:[/] {error}", highlight=False)
+            return EXIT_BAD_INPUT
+        try:
+            finished = finished_run(self.dir)
+            if self.settings.resume and finished is not None and not has_checkpoints(self.dir):
+                return self._already_finished(finished)
+            if not self.settings.resume and is_main_process():
+                self.to_keep = finished
+            return self._execute(body)
+        finally:
+            self.lock.release()
+
+    def _already_finished(self, finished: dict) -> int:
+        """--resume on a finished run: say so, touch nothing. Exit 0; 2 if the run was made with other flags."""
+        again = (f"To train Level {self.level} again, drop --resume (the finished run is then moved to "
+                 f"{previous_dir(self.out_dir)}/) or choose another --out-dir.")
+        ours, theirs = (json.loads(json.dumps(recipe(m), default=str)) for m in (self.metrics, finished))
+        differs = sorted(k for k in {*ours, *theirs} if ours.get(k) != theirs.get(k))
+        if differs:
+            detail = "; ".join(f"--{k.replace('_', '-')}: {theirs.get(k)!r} there, {ours.get(k)!r} now" for k in differs)
+            console.print(f"[bold red]Error:[/] --resume: {self.dir} holds a finished run ({describe(finished, self.dir)})"
+                          f" made with other flags ({detail}); --resume continues a run only with its own flags. "
+                          f"{again}", highlight=False)
+            return EXIT_BAD_INPUT
+        console.print(f"Level {self.level} is already complete in {self.dir}: {describe(finished, self.dir)}. Its "
+                      f"record: {self.dir / 'metrics.json'}; its model: {self.dir / 'model.pt'}. --resume has nothing "
+                      f"to continue: nothing was trained, read or changed. {again}", highlight=False)
+        return EXIT_OK
+
+    def _execute(self, body: Callable[[], None]) -> int:
         import torch
 
         try:
@@ -264,6 +331,10 @@ class LevelRun:
             self._record_failure("failed", message)
             return EXIT_FAILED
         except KeyboardInterrupt:
+            if self.to_keep is not None:  # nothing of this run on disk yet, and a finished run in the folder
+                console.print("[yellow]Interrupted.[/]")
+                self._record_failure("interrupted", "interrupted by the user (Ctrl-C)")
+                return EXIT_INTERRUPTED
             console.print("[yellow]Interrupted.[/] Writing what was measured so far "
                           f"({len(self.metrics['history'])} epoch(s)) with status 'interrupted'; --resume continues "
                           f"from the last finished epoch.")
@@ -272,6 +343,7 @@ class LevelRun:
         except Exception as error:  # a bug: record it, then let the traceback show
             self._record_failure("failed", f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
             raise
+        self.metrics["finished_at"] = time.strftime(TIME_FORMAT)
         self.write("complete")
         shutil.rmtree(self.dir / "checkpoints", ignore_errors=True)  # the result is in model.pt now
         console.print(f"Level {self.level}: test accuracy {self.metrics['test_accuracy']:.2%}"
