@@ -27,7 +27,7 @@ Which weights
 Evidence (the CPU profile, the whole data set, one 2-core Xeon CPU, no GPU): see the README's results table.
 
 Run
-    python levels/level1_baseline.py                 # ResNet50, ImageNet weights from the hub
+    python levels/level1_baseline.py                 # ResNet50 on a GPU; without one, the CPU profile
     python levels/level1_baseline.py --quick         # smoke profile for a CPU
     python levels/level1_baseline.py --profile cpu --weights efficientnet_lite0_imagenet.pth   # full data, CPU
     python levels/level1_baseline.py --resume        # after a crash: continue from the last finished epoch

@@ -31,7 +31,7 @@ Which weights
     methods and not from other pretrained weights. The exact tag is recorded in metrics.json.
 
 Run
-    python levels/level2_intermediate.py                 # ResNet50, ImageNet weights from the hub
+    python levels/level2_intermediate.py                 # ResNet50 on a GPU; without one, the CPU profile
     python levels/level2_intermediate.py --quick         # smoke profile for a CPU
     python levels/level2_intermediate.py --no-ablation   # the recipe alone
     python levels/level2_intermediate.py --profile cpu --weights efficientnet_lite0_imagenet.pth   # full data, CPU

@@ -32,7 +32,7 @@ Looking inside the model
     test_predictions.npz. Grad-CAM is written by hand (common/saliency.py), not imported: why, in docs/predict.md.
 
 Run
-    python levels/level3_advanced.py                 # ResNet50, ImageNet weights from the hub
+    python levels/level3_advanced.py                 # ResNet50 on a GPU; without one, the CPU profile
     python levels/level3_advanced.py --quick         # smoke profile for a CPU
     python levels/level3_advanced.py --profile cpu --weights efficientnet_lite0_imagenet.pth   # full data, CPU
     python levels/level3_advanced.py --resume        # continue after a crash, from the last finished epoch

@@ -20,7 +20,7 @@ What changed since Level 3
       every epoch of every member (--resume); OUT/level4/model.pt holds the whole ensemble.
 
 Run
-    python levels/level4_expert.py                   # the three members, ImageNet weights from the hub
+    python levels/level4_expert.py                   # the three members on a GPU; without one, the CPU profile
     python levels/level4_expert.py --quick --no-pretrained   # smoke profile for a CPU
     python levels/level4_expert.py --resume          # after a crash: from each member's last finished epoch
     python levels/level4_expert.py --profile cpu --weights efficientnet_lite2=L2,efficientnet_lite0+se=L0  # all data

@@ -128,15 +128,16 @@ def untimed(history: list[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------
 # Runs that several modules read (each made once per session, through the runner as a user makes it).
 # --device cpu: their numbers are compared bit for bit (resume) or with computations on the CPU; on a GPU,
-# cuDNN's autotuned kernels and TF32 make two runs differ in the last bits.
+# cuDNN's autotuned kernels and TF32 make two runs differ in the last bits. --profile gpu: these runs shrink the
+# original recipe (on a CPU a level would otherwise choose its CPU profile; tests/test_profiles.py tests that).
 
-SMALL = ["--quick", "--device", "cpu", "--model", "efficientnet_lite0", "--img-size", "64", "--train-size", "200",
+SMALL = ["--quick", "--profile", "gpu", "--device", "cpu", "--model", "efficientnet_lite0", "--img-size", "64", "--train-size", "200",
          "--val-size", "100", "--test-size", "100"]
 LEVEL1_FLAGS = [*SMALL, "--epochs", "20", "--lr", "1e-2"]  # the head on cached features: 20 epochs cost little
 LEVEL2_FLAGS = [*SMALL, "--batch-size", "32", "--lr", "3e-3", "--ablation-epochs", "2", "--epochs", "3"]
-LEVEL3_FLAGS = ["--quick", "--device", "cpu", "--model", "efficientnet_lite0", "--img-size", "64", "--train-size",
+LEVEL3_FLAGS = ["--quick", "--profile", "gpu", "--device", "cpu", "--model", "efficientnet_lite0", "--img-size", "64", "--train-size",
                 "400", "--val-size", "200", "--test-size", "200", "--lr", "1e-3", "--epochs", "2"]
-LEVEL4_FLAGS = ["--quick", "--device", "cpu", "--models", "efficientnet_lite0,efficientnet_lite0+se", "--img-size",
+LEVEL4_FLAGS = ["--quick", "--profile", "gpu", "--device", "cpu", "--models", "efficientnet_lite0,efficientnet_lite0+se", "--img-size",
                 "64", "--train-size", "200", "--val-size", "100", "--test-size", "100", "--batch-size", "32", "--lr",
                 "3e-3", "--epochs", "2", "--no-mixup", "--no-cutmix", "--low-res-epochs", "1", "--low-res-size", "48"]
 

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import run_cli
 
-TINY = ["--quick", "--no-pretrained", "--img-size", "32", "--train-size", "64", "--val-size", "50", "--test-size", "50"]
+TINY = ["--quick", "--profile", "gpu", "--no-pretrained", "--img-size", "32", "--train-size", "64", "--val-size", "50", "--test-size", "50"]
 
 CASES = [
     # argparse's own checks (the common flags): its usage, then one "error:" line

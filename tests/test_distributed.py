@@ -42,7 +42,7 @@ def test_evaluation_shards_cover_every_image_once_and_come_back_in_order():
 
 
 # --device cpu: two processes with gloo on any host (on a one-GPU machine, --device auto would give both the GPU)
-SMOKE = ["--quick", "--device", "cpu", "--model", "efficientnet_lite0", "--img-size", "48", "--epochs", "2", "--lr", "0.01",
+SMOKE = ["--quick", "--profile", "gpu", "--device", "cpu", "--model", "efficientnet_lite0", "--img-size", "48", "--epochs", "2", "--lr", "0.01",
          "--batch-size", "32", "--train-size", "320", "--val-size", "200", "--test-size", "200"]
 
 

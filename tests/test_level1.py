@@ -13,7 +13,7 @@ import torch
 
 from conftest import ROOT, kill_when, nth_line, run_cli, untimed
 
-SMOKE = ["--quick", "--model", "efficientnet_lite0", "--img-size", "64", "--epochs", "5"]
+SMOKE = ["--quick", "--profile", "gpu", "--model", "efficientnet_lite0", "--img-size", "64", "--epochs", "5"]
 
 
 @pytest.fixture(scope="module")
@@ -206,8 +206,9 @@ def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(cifar_dir,
 @pytest.mark.parametrize("flags, message", [
     (["--train-size", "0"], "--train-size 0"), (["--train-size", "-5"], "--train-size -5"),
     (["--train-size", "40001"], "at most the 40,000"), (["--epochs", "0"], "--epochs must be at least 1"),
-    (["--batch-size", "0"], "--batch-size must be at least 1"), (["--profile", "gpu"], "unknown --profile 'gpu'"),
-    (["--device", "cpu", "--precision", "fp16"], "needs a CUDA GPU"),  # on any host: fp16 is for a GPU (["--model", "resnet5O"], "Closest timm names: resnet50"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"), (["--profile", "tpu"], "unknown --profile 'tpu'"),
+    (["--device", "cpu", "--precision", "fp16"], "needs a CUDA GPU"),  # on any host: fp16 is for a GPU
+    (["--model", "resnet5O"], "Closest timm names: resnet50"),
     (["--img-size", "2"], "--img-size 2 is too small"),
 ])
 def test_bad_input_gets_a_message_exit_2_and_overwrites_nothing(cifar_dir, lite0_weights, tmp_path, flags, message):

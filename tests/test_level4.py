@@ -15,7 +15,7 @@ from conftest import LEVEL4_FLAGS, kill_when, level4_where, nth_line, run_cli, u
 
 MEMBERS = ["resnet50+se", "efficientnet_b0", "vit_small_patch16_224"]  # the defaults
 # A ViT at 32 px sees 2 x 2 patches: it must run. Tiny subsets keep the three full fine-tunes within a minute on CPU.
-SMOKE = ["--quick", "--no-pretrained", "--img-size", "32", "--train-size", "64", "--val-size", "50",
+SMOKE = ["--quick", "--profile", "gpu", "--no-pretrained", "--img-size", "32", "--train-size", "64", "--val-size", "50",
          "--test-size", "100", "--batch-size", "32"]
 
 
@@ -259,7 +259,7 @@ def test_flag_errors_are_messages():
         "efficientnet_b0": "b0.pth", "efficientnet_b0#2": "b0.pth"}
 
 
-TINY = ["--quick", "--no-pretrained", "--models", "efficientnet_lite0", "--img-size", "32", "--train-size", "64",
+TINY = ["--quick", "--profile", "gpu", "--no-pretrained", "--models", "efficientnet_lite0", "--img-size", "32", "--train-size", "64",
         "--val-size", "50", "--test-size", "100", "--batch-size", "32"]
 
 
@@ -341,7 +341,7 @@ def test_a_pretrained_member_learns_well_above_chance(cifar_dir, lite0_weights, 
     """ImageNet-pretrained lite0 as a member, with every regularizer of the level on (AutoAugment, MixUp/CutMix,
     label smoothing, drop path), 2 epochs on 640 images at 64 px. Measured: 36% validation, 25.5% test plain and
     30.5% with TTA (200 test images; chance is 10%, one standard error about 3 points)."""
-    result = run_cli("run.py", "level", "4", "--quick", "--models", "efficientnet_lite0", "--weights",
+    result = run_cli("run.py", "level", "4", "--quick", "--profile", "gpu", "--models", "efficientnet_lite0", "--weights",
                      str(lite0_weights), "--img-size", "64", "--train-size", "640", "--val-size", "100",
                      "--test-size", "200", "--batch-size", "32", "--epochs", "2", "--lr", "1e-3",
                      "--data-dir", str(cifar_dir), "--out-dir", str(tmp_path))

@@ -36,7 +36,8 @@ class RunSettings:
     val_size: int | None = None
     test_size: int | None = None
     quick: bool = False
-    profile: str | None = None
+    profile: str | None = None  # None: the original (GPU) recipe, not asked for by name
+    profile_chosen: str | None = None  # why this profile: "asked for (--profile cpu)" or "chosen: no CUDA GPU here"
     precision: str = "auto"
     compile: bool = False
     resume: bool = False
@@ -77,9 +78,10 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
                             "somewhat slower (a CPU run is deterministic already)")
     train.add_argument("--quick", action="store_const", const=True,
                        help=f"smoke profile for a CPU: {QUICK_PROFILE}; explicit flags win")
-    train.add_argument("--profile", help="a named recipe for other hardware; 'cpu': the full data on a CPU with "
-                       "ImageNet-pretrained EfficientNet-Lite models at reduced image sizes (see the level's "
-                       "docstring). Explicit flags win")
+    train.add_argument("--profile", help="the recipe: 'gpu', the original assessment's (ResNet50/ViT at 224 px), "
+                       "or 'cpu', the full data on a CPU with ImageNet-pretrained EfficientNet-Lite models at reduced "
+                       "image sizes (docs/cpu-profile.md). Default: 'cpu' where there is no CUDA GPU, else 'gpu'. "
+                       "Explicit flags win")
     train.add_argument("--resume", action="store_const", const=True,
                        help="continue from the last finished epoch saved in OUT/levelN/checkpoints/ (the same "
                             "flags and code are required). With nothing to resume, says so and starts fresh")
@@ -117,11 +119,17 @@ def parse_args(argv: list[str] | None, hyperparameters, prog: str, description: 
     parser = build_parser(hyperparameters, prog, description)
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     values = {**dataclasses.asdict(RunSettings()), **dataclasses.asdict(hyperparameters)}
+    profiles = {"gpu": {}, **(profiles or {})}  # gpu: the original recipe, the dataclass's own defaults
     if "profile" in given:
-        profiles = profiles or {}
         if given["profile"] not in profiles:
-            parser.error(f"unknown --profile '{given['profile']}'; this level has: "
-                         f"{', '.join(profiles) or 'none'}")
+            parser.error(f"unknown --profile '{given['profile']}'; this level has: {', '.join(profiles)}")
+        given["profile_chosen"] = f"asked for (--profile {given['profile']})"
+    elif "cpu" in profiles and not cuda_in_use(given.get("device", "auto")):
+        # a newcomer's first command on a laptop: the GPU recipe would take days on a CPU
+        given["profile"] = "cpu"
+        given["profile_chosen"] = ("chosen: --device cpu" if given.get("device") == "cpu"
+                                   else "chosen: no CUDA GPU here")
+    if "profile" in given:
         values.update(profiles[given["profile"]])
     if given.get("quick"):
         values.update(QUICK_PROFILE)
@@ -131,7 +139,29 @@ def parse_args(argv: list[str] | None, hyperparameters, prog: str, description: 
         parser.error(message)
     settings = RunSettings(**{f.name: values[f.name] for f in dataclasses.fields(RunSettings)})
     hp = dataclasses.replace(hyperparameters, **{f.name: values[f.name] for f in dataclasses.fields(hyperparameters)})
+    if settings.profile_chosen and settings.profile_chosen.startswith("chosen"):
+        from common.progress import console
+
+        why = "--device cpu" if settings.device == "cpu" else "No CUDA GPU here"
+        data = "--quick's subsets" if settings.quick else "the whole data set"
+        console.print(f"{why}: training the CPU profile ({recipe_words(hp)}, {data}; docs/cpu-profile.md). "
+                      f"`--profile gpu` trains the original GPU recipe instead.", highlight=False)
     return settings, hp
+
+
+def cuda_in_use(device_flag: str) -> bool:
+    """Would a run with this --device train on a CUDA GPU?"""
+    if device_flag == "cpu":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def recipe_words(hp) -> str:
+    """The profile's model and image size in words, for the line that says which profile runs."""
+    models = getattr(hp, "models", None) or getattr(hp, "model", "")
+    return f"{models.replace(',', ', ')} at {hp.img_size} px"
 
 
 def _invalid(values: dict, defaults: dict) -> list[str]:

@@ -81,13 +81,13 @@ def figure_name(level: int, key: str) -> str:
 
 
 def record_kind(m: dict) -> str:
-    """"cpu" for a `--profile cpu` run on a CPU, "gpu" for the default recipe on a GPU; anything else has no
-    column in the README's table and is refused."""
+    """"cpu" for a CPU-profile run on a CPU, "gpu" for the original recipe (the default on a GPU, or `--profile
+    gpu`) on a GPU; anything else has no column in the README's table and is refused."""
     device_type = (m.get("environment") or {}).get("device_type")
     profile = m.get("profile")
     if profile == "cpu" and device_type == "cpu":
         return "cpu"
-    if profile is None and device_type == "cuda":
+    if profile in (None, "gpu") and device_type == "cuda":
         return "gpu"
     raise FilingError(f"a run with --profile {profile} on a {device_type or 'unknown'} device: results/ keeps "
                       f"`--profile cpu` runs on a CPU (results/cpu) and default-recipe runs on a GPU (results/gpu)")

@@ -32,7 +32,7 @@ from common.device import SetupError
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 # Settings that change where or how fast a run goes, not what it computes: a checkpoint stays valid across them.
-NOT_IN_SIGNATURE = ("out_dir", "data_dir", "device", "resume", "quick", "profile")
+NOT_IN_SIGNATURE = ("out_dir", "data_dir", "device", "resume", "quick", "profile", "profile_chosen")
 
 MODEL_FORMAT = "cifar10-levels model v1"
 
@@ -89,8 +89,8 @@ class LevelRun:
         self.written = False  # has this run written metrics.json yet? (bad input must overwrite nothing)
         self.metrics: dict = dict(
             level=level, title=title, approach=approach, status="running", quick=settings.quick,
-            profile=settings.profile, test_accuracy=None, val_accuracy=None, train_size=None, val_size=None,
-            test_size=None, history=[], train_seconds=None, total_seconds=None,
+            profile=settings.profile, profile_chosen=settings.profile_chosen, test_accuracy=None, val_accuracy=None,
+            train_size=None, val_size=None, test_size=None, history=[], train_seconds=None, total_seconds=None,
             config={**dataclasses.asdict(settings), **dataclasses.asdict(hyperparameters)},
             environment=None, figures={}, process=this_process(), **provenance(),
         )
