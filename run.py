@@ -113,20 +113,43 @@ def summary(
 
 @app.command()
 def record(
-    level: int = typer.Option(..., help="the level whose run to file (1 to 4)"),
+    level: int | None = typer.Option(None, help="the level whose run to file (1 to 4)"),
     from_dir: Path = typer.Option(Path("outputs"), "--from", help="the output folder the run wrote to"),
     commit: str | None = typer.Option(None, help="the commit the run ran, when its code matches none (a run "
                                       "started from uncommitted code); the record says it was not verified"),
+    convert_kept: bool = typer.Option(False, "--convert-kept", help="instead: bring every kept record in results/ "
+                                      "up to date: local paths as placeholders (DATA, OUT, WEIGHTS/...), a level "
+                                      "record's data described from its folder where that folder is here; "
+                                      "idempotent"),
+    peers: bool = typer.Option(False, "--peers", help="instead: write results/cpu/peers.json, the peers' numbers "
+                               "on the same data (common/runner/peers.py), with the JPEG copy at --data-dir described"),
+    data_dir: str | None = typer.Option(None, help="with --peers: the JPEG copy (default: $CIFAR10_DIR, else ./data)"),
 ) -> None:
     """File a finished full-data run as a kept record: results/<cpu|gpu>/levelN.json, its figures as small PNGs
     in docs/img, then README.md's results table and pictures regenerated. Refuses smoke, partial or unfinished
     runs. See docs/records.md."""
-    from common.runner.filing import FilingError, file_run
+    from common.runner.filing import RESULTS_DIR, FilingError, file_run
     from common.runner.readme import write_readme
 
     console = _light_console()
+    if convert_kept or peers:
+        if convert_kept:
+            from common.runner.placeholders import convert_kept as convert
+
+            for path, notes in convert(RESULTS_DIR):
+                console.print(f"{path.relative_to(ROOT)}: {'; '.join(notes)}", highlight=False)
+        if peers:
+            from common.runner.peers import write_peers_record
+
+            path, said = write_peers_record(RESULTS_DIR, data_dir)
+            console.print(f"Wrote {path.relative_to(ROOT)}: {said}", highlight=False)
+        changed = write_readme(ROOT / "README.md")
+        console.print(f"README.md's generated blocks {'regenerated' if changed else 'unchanged'}. Commit the records "
+                      "and the README together.", highlight=False)
+        return
     if level not in LEVEL_FILES:
-        console.print(f"[bold red]Error:[/] there is no level {level}; levels are 1 to 4.")
+        console.print(f"[bold red]Error:[/] {'--level is needed' if level is None else f'there is no level {level}'}"
+                      "; levels are 1 to 4.", highlight=False)
         raise typer.Exit(2)
     try:
         filed = file_run(from_dir, level, commit)
@@ -135,7 +158,8 @@ def record(
         raise typer.Exit(2)
     console.print(f"Filed level {level}: {filed.record.relative_to(ROOT)} (commit {filed.commit[:12]}"
                   f"{'' if filed.commit_verified else ', NOT verified: its code differs from the run'}), "
-                  f"{len(filed.figures)} figure(s) in docs/img", highlight=False)
+                  f"{len(filed.figures)} figure(s) in docs/img; local paths as placeholders"
+                  + "".join(f"; {note}" for note in filed.notes), highlight=False)
     write_readme(ROOT / "README.md")
     console.print("README.md's results table and pictures regenerated. Commit the record, its figures and the "
                   "README together.", highlight=False)

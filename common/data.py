@@ -9,6 +9,11 @@ Images are kept as uint8 tensors, N x 3 x 32 x 32: the whole data set is about 1
 more than 700 MB as float32, and uint8 is what moves to the GPU in one copy. Decoded images are cached as
 .npy files in a folder whose name carries a fingerprint of the source files, so a changed file is a new cache
 entry. They are memory-mapped: a run on a subset (--quick, the tests) reads only the images it uses.
+
+What the data is, for the record (describe_data): the layout, the file format (JPEG is lossy), the image counts and
+a content fingerprint, the sha256 of the decoded images and labels. The fingerprint is the same for two copies of
+the same images wherever they lie, and differs when one pixel does; it is computed once, when the cache is
+written, and kept in the cache folder, so a run never reads all the images to say what they are.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ class CifarSplits:
     val: Split
     test: Split
     source: str  # where the images came from, for the record
+    data: dict | None = None  # what the images are (describe_data): layout, file format, counts, fingerprint
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -198,6 +204,9 @@ def _read_imagefolder(files: dict[str, list[tuple[str, int]]]) -> dict[str, np.n
 # Loading with a cache
 
 CACHED_ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
+FINGERPRINT_FILE = "content-fingerprint.txt"  # in the cache folder: content_fingerprint() of its arrays
+LAYOUT_WORDS = {"batches": "official python batches", "imagefolder": "image folder"}
+FILE_WORDS = {".jpg": "JPEG (lossy)", ".jpeg": "JPEG (lossy)", ".png": "PNG (lossless)"}
 
 
 def cache_dir() -> Path:
@@ -206,6 +215,13 @@ def cache_dir() -> Path:
 
 def load_cifar10(data_dir: str | os.PathLike | None = None, download: bool = True) -> tuple[dict[str, np.ndarray], str]:
     """All 60,000 images as uint8 arrays: {train,test}_{images,labels}, and a line saying where they came from."""
+    arrays, source, _ = load_described(data_dir, download)
+    return arrays, source
+
+
+def load_described(data_dir: str | os.PathLike | None = None, download: bool = True
+                   ) -> tuple[dict[str, np.ndarray], str, dict]:
+    """load_cifar10's arrays and line, and what the data is (describe_data)."""
     root = resolve_data_dir(data_dir)
     layout = _find_layout(root) if root.is_dir() else None
     if layout is None:
@@ -229,6 +245,7 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, download: bool = Tru
     else:
         image_files = _imagefolder_files(folder)
         source_files = [p for entries in image_files.values() for p, _ in entries]
+    suffixes = set() if kind == "batches" else {os.path.splitext(p)[1].lower() for p in source_files}
 
     key = _fingerprint(source_files, folder)
     cache = cache_dir() / f"cifar10-{kind}-{key}"
@@ -236,21 +253,61 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, download: bool = Tru
     try:
         # memory-mapped, read-only: make_splits copies out the images a run uses (reading all 184 MB from an
         # .npz took 1.3 s on the 2-core EPYC; a --quick run's few thousand images now take milliseconds)
-        return {name: np.load(cache / f"{name}.npy", mmap_mode="r") for name in CACHED_ARRAYS}, source
+        arrays = {name: np.load(cache / f"{name}.npy", mmap_mode="r") for name in CACHED_ARRAYS}
+        return arrays, source, describe_data(kind, suffixes, arrays, _cached_fingerprint(cache, arrays))
     except (OSError, ValueError):  # not cached yet, or a cache file damaged: decode (again), and cache anew
         shutil.rmtree(cache, ignore_errors=True)
 
     arrays = _read_batches(batch_files) if kind == "batches" else _read_imagefolder(image_files)
-    _write_cache(cache, arrays)
-    return arrays, source
+    fingerprint = content_fingerprint(arrays)
+    _write_cache(cache, arrays, fingerprint)
+    return arrays, source, describe_data(kind, suffixes, arrays, fingerprint)
 
 
-def _write_cache(folder: Path, arrays: dict[str, np.ndarray]) -> None:
+def content_fingerprint(arrays: dict[str, np.ndarray]) -> str:
+    """The first 16 hex digits of the sha256 of the decoded images (uint8) and labels (int64), each array with its
+    shape, in the loader's order: where the files lie and how they are named does not enter it, every pixel does."""
+    digest = hashlib.sha256()
+    for name in CACHED_ARRAYS:
+        array = np.ascontiguousarray(arrays[name], dtype=np.uint8 if name.endswith("images") else np.int64)
+        digest.update(f"{name} {array.shape}\n".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()[:16]
+
+
+def _cached_fingerprint(cache: Path, arrays: dict[str, np.ndarray]) -> str:
+    """The fingerprint kept in the cache folder; a cache written before fingerprints were kept gets it now, once."""
+    try:
+        kept = (cache / FINGERPRINT_FILE).read_text().strip()
+        if len(kept) == 16:
+            return kept
+    except OSError:
+        pass
+    fingerprint = content_fingerprint(arrays)
+    partial = cache / f".{FINGERPRINT_FILE}.{os.getpid()}.partial"
+    try:
+        partial.write_text(fingerprint + "\n")
+        os.replace(partial, cache / FINGERPRINT_FILE)
+    except OSError:  # a read-only cache: the next run computes it again
+        partial.unlink(missing_ok=True)
+    return fingerprint
+
+
+def describe_data(kind: str, suffixes: set[str], arrays: dict[str, np.ndarray], fingerprint: str) -> dict:
+    """What the data is, in a record: its layout, its files (JPEG is lossy), its image counts, its content."""
+    files = "pickled arrays (lossless)" if kind == "batches" else \
+        " and ".join(sorted({FILE_WORDS.get(s, s) for s in suffixes}))
+    return dict(layout=LAYOUT_WORDS[kind], files=files, train_images=len(arrays["train_labels"]),
+                test_images=len(arrays["test_labels"]), fingerprint=fingerprint)
+
+
+def _write_cache(folder: Path, arrays: dict[str, np.ndarray], fingerprint: str) -> None:
     partial = folder.with_name(f"{folder.name}.{os.getpid()}.partial")
     try:
         partial.mkdir(parents=True, exist_ok=True)
         for name in CACHED_ARRAYS:
             np.save(partial / f"{name}.npy", arrays[name])
+        (partial / FINGERPRINT_FILE).write_text(fingerprint + "\n")
         os.rename(partial, folder)  # atomic: a crash never leaves a half-written cache behind
         folder.with_name(folder.name + ".npz").unlink(missing_ok=True)  # the same images as cached before (one .npz)
     except OSError:
@@ -286,7 +343,7 @@ def split_indices(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_splits(arrays: dict[str, np.ndarray], source: str = "", train_size: int | None = None,
-                val_size: int | None = None, test_size: int | None = None) -> CifarSplits:
+                val_size: int | None = None, test_size: int | None = None, data: dict | None = None) -> CifarSplits:
     """40,000 train / 10,000 validation drawn stratified from the official training set, plus the official test set.
 
     The sizes shrink those splits to stratified subsets (the --train-size flag, and the --quick profile).
@@ -305,9 +362,10 @@ def make_splits(arrays: dict[str, np.ndarray], source: str = "", train_size: int
         val=split(arrays["train_images"], arrays["train_labels"], val_idx),
         test=split(arrays["test_images"], arrays["test_labels"], test_idx),
         source=source,
+        data=data,
     )
 
 
 def load_splits(data_dir=None, train_size=None, val_size=None, test_size=None) -> CifarSplits:
-    arrays, source = load_cifar10(data_dir)
-    return make_splits(arrays, source, train_size, val_size, test_size)
+    arrays, source, data = load_described(data_dir)
+    return make_splits(arrays, source, train_size, val_size, test_size, data)

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from common import data
-from common.data import CLASSES, DataError, load_cifar10, make_splits
+from common.data import CLASSES, DataError, load_cifar10, load_described, make_splits
 from conftest import run_cli
 
 
@@ -90,6 +90,9 @@ def test_official_batches_loader(full, tmp_path):
         written[name] = (images, labels)
     arrays, source = load_cifar10(tmp_path)
     assert source.startswith("batches")
+    _, _, described = load_described(tmp_path)
+    assert {k: v for k, v in described.items() if k != "fingerprint"} == dict(
+        layout="official python batches", files="pickled arrays (lossless)", train_images=200, test_images=40)
     assert np.array_equal(arrays["train_images"], np.concatenate([written[f"data_batch_{i}"][0] for i in range(1, 6)]))
     assert np.array_equal(arrays["test_labels"], written["test_batch"][1])
 
@@ -135,6 +138,62 @@ def test_the_cache_is_memory_mapped_and_a_damaged_one_is_decoded_again(cifar_dir
     mended, _ = load_cifar10(folder)  # and cached anew
     assert isinstance(mended["train_images"], np.memmap) and np.array_equal(decoded["train_images"],
                                                                             mended["train_images"])
+
+
+def test_the_data_is_described_by_its_content_not_by_its_folder(cifar_dir, tmp_path):
+    """The description a record keeps: the layout, the file format, the counts, and a fingerprint of the decoded
+    images and labels. Two copies of the same images in different folders share it; the same pixels saved as
+    PNG keep it (the format changes, the content does not); one changed image changes it."""
+    first = small_imagefolder(cifar_dir, tmp_path / "one")
+    second = small_imagefolder(cifar_dir, tmp_path / "elsewhere" / "two")
+    arrays, _, one = load_described(first)
+    assert one == dict(layout="image folder", files="JPEG (lossy)", train_images=30, test_images=30,
+                       fingerprint=one["fingerprint"]) and len(one["fingerprint"]) == 16
+    assert load_described(second)[2] == one
+
+    as_png = tmp_path / "png"
+    for jpeg in first.rglob("*.jpg"):
+        target = (as_png / jpeg.relative_to(first)).with_suffix(".png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(jpeg) as image:
+            image.save(target)
+    png = load_described(as_png)[2]
+    assert png["files"] == "PNG (lossless)" and png["fingerprint"] == one["fingerprint"]
+
+    victim = sorted((second / "test" / "ship").iterdir())[0]
+    with Image.open(victim) as image:
+        pixels = np.asarray(image).copy()
+    pixels[0, 0] = 255 - pixels[0, 0]
+    Image.fromarray(pixels).save(victim, format="PNG")  # one pixel, losslessly, under its .jpg name
+    changed = load_described(second)[2]
+    assert changed["fingerprint"] != one["fingerprint"] and changed["train_images"] == 30
+
+
+def test_the_splits_carry_the_description_a_run_records(full, cifar_dir):
+    splits = data.load_splits(cifar_dir, train_size=100, val_size=100, test_size=100)
+    assert splits.data == load_described(cifar_dir)[2]
+    assert splits.data["files"] == "JPEG (lossy)" and (splits.data["train_images"], splits.data["test_images"]) == (
+        50_000, 10_000)
+
+
+def test_the_fingerprint_is_computed_once_and_kept_in_the_cache(cifar_dir, tmp_path, monkeypatch):
+    """A run reads the fingerprint from the cache folder, not from all the images; a cache written before
+    fingerprints were kept gets it on its first read, once, and a subset still comes from the memory map."""
+    monkeypatch.setenv("CIFAR10_CACHE", str(tmp_path / "cache"))
+    folder = small_imagefolder(cifar_dir, tmp_path / "small")
+    computed = []
+    real = data.content_fingerprint
+    monkeypatch.setattr(data, "content_fingerprint", lambda arrays: computed.append(1) or real(arrays))
+    fingerprint = load_described(folder)[2]["fingerprint"]
+    [entry] = (tmp_path / "cache").iterdir()
+    assert computed == [1] and (entry / data.FINGERPRINT_FILE).read_text().strip() == fingerprint
+
+    arrays, _, again = load_described(folder)
+    assert computed == [1] and again["fingerprint"] == fingerprint and isinstance(arrays["train_images"], np.memmap)
+    (entry / data.FINGERPRINT_FILE).unlink()  # as an older version left its cache
+    assert load_described(folder)[2]["fingerprint"] == fingerprint and computed == [1, 1]
+    assert load_described(folder)[2]["fingerprint"] == fingerprint and computed == [1, 1]
+    assert real({k: np.asarray(v) for k, v in load_cifar10(folder)[0].items()}) == fingerprint
 
 
 @pytest.mark.parametrize("problem", ["missing_class", "truncated", "wrong_size", "grayscale", "wrong_layout"])

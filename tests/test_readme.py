@@ -1,6 +1,8 @@
 """The README stays short and true: at most 200 lines, the set-up commands first, every link and image
 resolving, and its results table and pictures exactly what the kept records in results/ give
-(`python run.py summary --readme`). Also: `python run.py record` files only finished full-data runs.
+(`python run.py summary --readme`). Also: `python run.py record` files only finished full-data runs, with no local
+path in them; no kept record and no README line names a folder of the machine that made it; the peers beside the
+results table are the peers' record.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from common.runner.filing import (
     FULL_SIZES, IMG_WIDTHS, KEPT_FIGURES, FilingError, code_version_at, figure_name, file_run, load_records, problems,
     record_kind,
 )
+from common.runner.peers import PEER_RUNS, PROVENANCE, against_cell, compared, jpeg_cost_sentence, load_peers
+from common.runner.placeholders import convert_kept, describe_missing_data, local_paths, scrub_paths
 from common.runner.readme import PICTURES, TEACHES, _model_text, readme_pictures, render_readme
 
 README = ROOT / "README.md"
@@ -219,10 +223,38 @@ def test_record_files_a_complete_full_run_with_its_commit_and_small_figures(quic
         assert image.format == "PNG" and image.width <= IMG_WIDTHS[0]
     assert filed.figures == [site / "docs" / "img" / "level1-curves.png"]
 
+    # no path of this machine: the run's data and output folders (temporary folders here) are placeholders, and
+    # what the data is stays described
+    kept = (site / "results" / "cpu" / "level1.json").read_text()
+    assert local_paths(kept) == [] and str(tmp_path) not in kept and str(quick_run) not in kept
+    assert "--data-dir DATA" in record["command"] and "--out-dir OUT" in record["command"]
+    assert local_paths(source["command"])  # the run's own metrics.json keeps its paths: only the record drops them
+    assert (record["config"]["data_dir"], record["config"]["out_dir"]) == ("DATA", "OUT")
+    assert record["data_source"] == "imagefolder at DATA"
+    assert record["record"]["filed_from"] == "OUT/level1/metrics.json"
+    assert record["data"] == source["data"] and record["data"]["files"] == "JPEG (lossy)"
+    assert (record["data"]["train_images"], record["data"]["test_images"]) == (50_000, 10_000)
+    assert filed.notes == [] and set(record["placeholders"]) == {"DATA", "OUT"}
+
     # the README made from that record shows its number and its picture
     text = render_readme(README.read_text(), site / "results")
     assert f"{100 * source['test_accuracy']:.2f}%" in text
     assert "![Level 1's learning curves](docs/img/level1-curves.png)" in text
+
+
+def test_filing_a_run_made_before_runs_described_their_data_describes_its_folder(quick_run, tmp_path):
+    """A run without `data` gets it at filing from the folder its data_source names, here, when that folder holds
+    the record's image counts; the record says the description was added at filing."""
+    out = as_full_run(quick_run, tmp_path / "out", code_version=code_version_at("HEAD"))
+    path = out / "level1" / "metrics.json"
+    m = json.loads(path.read_text())
+    described = m.pop("data")
+    path.write_text(json.dumps(m))
+    filed = file_run(out, 1, root=tmp_path / "site")
+    record = json.loads(filed.record.read_text())
+    assert {k: v for k, v in record["data"].items() if k != "described"} == described
+    assert record["data"]["described"].startswith("added at filing") and "data described" in filed.notes[0]
+    assert local_paths(filed.record.read_text()) == []
 
 
 def test_record_needs_the_commit_of_the_runs_code(quick_run, tmp_path):
@@ -255,3 +287,137 @@ def test_code_version_at_a_commit_is_code_version_of_its_files(tmp_path):
     with tarfile.open(tmp_path / "head.tar") as files:
         files.extractall(tmp_path / "head", filter="data")
     assert code_version_at("HEAD") == code_version(tmp_path / "head")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# No local paths: placeholders, and the conversion of the kept records
+
+
+def test_the_local_path_pattern_finds_a_machines_paths_and_nothing_else():
+    for path in ("/tmp/cifar-data/cifar10-jpeg", "/root/runs/l1d", "/home/me/w.pth", "/work/shared/weights/x.pth",
+                 "C:\\Users\\me\\cifar", "~/data/cifar"):
+        assert local_paths(f"run.py level 1 --data-dir {path}; see `{path}`.") == [path] * 2, path
+    for text in ("results/cpu/level1.json", "https://github.com/KellerJordan/airbench", "OUT/level1/metrics.json",
+                 "../shared/peer/airbench94_on_this_data.py", "DATA/cifar10-jpeg", "images/s", "40,000 / 10,000",
+                 "train/val", "WEIGHTS/efficientnet_lite0_imagenet.pth", "<!-- results:end -->",
+                 "results/*/bench/*.json"):
+        assert local_paths(text) == [], text
+
+
+def test_no_kept_record_and_no_readme_line_holds_a_local_path():
+    records = sorted((ROOT / "results").rglob("*.json"))
+    assert len(records) >= 10  # the levels, the peers, the benchmarks, the real-epoch runs, the comparison
+    found = {path.relative_to(ROOT).as_posix(): local_paths(path.read_text()) for path in records}
+    assert {name: paths for name, paths in found.items() if paths} == {}
+    lines = {number: line for number, line in enumerate(README.read_text().splitlines(), 1) if local_paths(line)}
+    assert lines == {}
+    # the speed section quotes the benchmark's command with placeholders
+    assert "`python run.py bench --profile cpu --quick --data-dir DATA --out-dir OUT`" in README.read_text()
+
+
+def test_the_kept_records_are_converted_and_converting_again_changes_nothing(tmp_path):
+    """`python run.py record --convert-kept` was run: on a copy of results/ it changes no byte. Each level's record
+    says what its data is, and that the description was added at conversion."""
+    shutil.copytree(ROOT / "results", tmp_path / "results")
+    convert_kept(tmp_path / "results")
+    for path in sorted((ROOT / "results").rglob("*.json")):
+        assert (tmp_path / path.relative_to(ROOT)).read_bytes() == path.read_bytes(), path
+    levels = load_records("cpu")
+    assert sorted(levels) == [1, 2, 3, 4]
+    for m in levels.values():
+        assert m["data"]["files"] == "JPEG (lossy)" and len(m["data"]["fingerprint"]) == 16
+        assert m["data"]["described"].startswith("added at conversion")
+        assert " --data-dir DATA " in m["command"] and " --out-dir OUT" in m["command"] and "WEIGHTS/" in m["command"]
+        assert m["data_source"] == "imagefolder at DATA" and m["config"]["data_dir"] == "DATA"
+    assert len({m["data"]["fingerprint"] for m in levels.values()}) == 1
+
+
+def test_placeholders_for_every_way_a_path_enters_a_record():
+    m = dict(level=4, command="/home/me/cifar/run.py level 4 --data-dir /data/sets/cifar --weights "
+             "a=/w/x/a.pth,b=/w/y/b.pth --out-dir=runs/four --resume",
+             config=dict(data_dir="/data/sets/cifar", out_dir="runs/four", weights="a=/w/x/a.pth,b=/w/y/b.pth"),
+             data_source="imagefolder at /data/sets/cifar/cifar10-jpeg", members={"a": dict(init="/w/x/a.pth")},
+             text="Level 3 has no completed run in `/home/me/cifar/runs/four`; see /opt/tools/log.txt.")
+    scrubbed = scrub_paths(m)
+    assert scrubbed["command"] == ("run.py level 4 --data-dir DATA --weights a=WEIGHTS/a.pth,b=WEIGHTS/b.pth "
+                                   "--out-dir=OUT --resume")
+    assert scrubbed["config"] == dict(data_dir="DATA", out_dir="OUT", weights="a=WEIGHTS/a.pth,b=WEIGHTS/b.pth")
+    assert scrubbed["data_source"] == "imagefolder at DATA/cifar10-jpeg" and scrubbed["members"]["a"]["init"] == \
+        "WEIGHTS/a.pth"
+    assert scrubbed["text"] == "Level 3 has no completed run in `LOCAL/four`; see LOCAL/log.txt."
+    assert set(scrubbed["placeholders"]) == {"DATA", "OUT", "WEIGHTS", "LOCAL"}
+    assert scrub_paths(scrubbed) == scrubbed and local_paths(json.dumps(scrubbed)) == []
+    # the data folder from CIFAR10_DIR: no --data-dir, only the data_source names it
+    from_environment = scrub_paths(dict(command="run.py level 1", config=dict(data_dir=None),
+                                        data_source="imagefolder at /srv/c10/jpeg"))
+    assert from_environment["data_source"] == "imagefolder at DATA" and from_environment["config"]["data_dir"] is None
+
+
+def test_converting_describes_a_level_records_data_only_where_its_counts_match(cifar_dir, tmp_path):
+    from test_data import small_imagefolder
+
+    folder = small_imagefolder(cifar_dir, tmp_path / "small")  # 30 training, 30 test images
+    results = tmp_path / "results"
+
+    def level_record(name: str, train: int, val: int, test: int) -> Path:
+        path = results / "cpu" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(dict(level=1, train_size=train, val_size=val, test_size=test,
+                                        command=f"run.py level 1 --data-dir {folder} --out-dir {tmp_path}/out",
+                                        config=dict(data_dir=str(folder), out_dir=f"{tmp_path}/out"),
+                                        data_source=f"imagefolder at {folder}")))
+        return path
+
+    matching, other = level_record("level1.json", 20, 10, 30), level_record("level2.json", 20, 10, 20)
+    report = dict(convert_kept(results))
+    kept = json.loads(matching.read_text())
+    assert kept["data"]["train_images"] == 30 and kept["data"]["described"].startswith("added at conversion")
+    assert "data described" in report[matching][0]
+    assert "data" not in json.loads(other.read_text()) and "not its folder's 30 and 30" in report[other][0]
+    assert all(local_paths(path.read_text()) == [] for path in (matching, other))
+    before = {path: path.read_bytes() for path in (matching, other)}
+    convert_kept(results)
+    assert {path: path.read_bytes() for path in before} == before
+    assert describe_missing_data(kept, "conversion") == ""  # described already: nothing to do
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The peers beside the results
+
+
+def test_the_peers_record_is_the_colleagues_report_on_the_levels_data():
+    peers = load_peers(ROOT / "results")
+    assert peers is not None, "results/cpu/peers.json is missing: python run.py record --peers --data-dir DIR"
+    assert peers["runs"] == json.loads(json.dumps(PEER_RUNS)) and peers["provenance"] == PROVENANCE
+    assert "not a run of this repository's code" in peers["provenance"]["what"]
+    assert {m["data"]["fingerprint"] for m in load_records("cpu").values()} == {peers["data"]["fingerprint"]}
+    compared = [r for r in peers["runs"] if r["compare_with_levels"]]
+    assert [(r["recipe"], r["data"], r["train_images"]) for r in compared] == [
+        ("airbench94", "this JPEG copy", 40_000), ("airbench95", "this JPEG copy", 40_000)]  # the levels' split size
+
+
+def test_the_readme_sets_each_level_against_the_peers_and_says_what_the_jpeg_copy_costs():
+    text, peers = README.read_text(), load_peers(ROOT / "results")
+    table = text[text.index("<!-- results:start"):text.index("<!-- results:end -->")]
+    assert "| against airbench94 / airbench95 |" in table and "trained from scratch" in table
+    assert "[record](results/cpu/peers.json)" in table and jpeg_cost_sentence(peers) in table
+    for level, m in load_records("cpu").items():
+        row = next(line for line in table.splitlines() if line.startswith(f"| [{level}]"))
+        assert f"| {against_cell(m, peers)} |" in row
+    for peer in compared(peers):  # each same-data peer named with its accuracy and time, the rest in the record
+        assert f"{peer['recipe']} {100 * peer['test_accuracy']:.2f}% in {peer['train_seconds'] / 60:.1f} min" in table
+    assert f"content fingerprint `{peers['data']['fingerprint']}`" in table
+
+
+def test_the_peers_cells_from_a_made_up_record(tmp_path):
+    peers = dict(runs=[dict(r, test_accuracy=a) for r, a in zip(PEER_RUNS, (0.80, 0.81, 0.90, 0.85, 0.95))])
+    assert against_cell(dict(test_accuracy=0.8250), peers) == "+2.50 / -2.50 points"
+    assert against_cell(None, peers) == "—" and against_cell(dict(test_accuracy=0.9), None) == "—"
+    assert jpeg_cost_sentence(peers).endswith("the copy costs a from-scratch recipe about 9.0 points, and the "
+                                              "smaller training set about 1.0 more.")
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "level2.json").write_text(json.dumps(fake_record(2, 0.9043, {})))
+    text = render_readme(README.read_text(), tmp_path)  # no peers record: said, and no column numbers
+    assert "No peer record kept yet" in text
+    row = next(line for line in text.splitlines() if line.startswith("| [2]"))
+    assert "| — |" in row and "| against the peers |" in text

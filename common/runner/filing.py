@@ -12,6 +12,9 @@ worth keeping is filed with `python run.py record --level N --from OUT_DIR`:
 The README's results table and pictures are generated from these records (common/runner/readme.py, `python run.py
 summary --readme`): a number in the README is always one that a kept record holds.
 
+A record holds no local path: its data, output and weights folders become placeholders (DATA, OUT, WEIGHTS/...;
+common/runner/placeholders.py), and what the data is stays in its `data` (format, counts, content fingerprint).
+
 Only a run that finished (`complete`) on the whole data set is filed; a smoke run (`--quick`), a run on a
 subset, or one that is still running, was interrupted or failed is refused with the reason.
 """
@@ -28,8 +31,9 @@ from pathlib import Path
 
 from common.io import write_json_atomic
 from common.records import LEVEL_NUMBERS, effective_status, metrics_path
+from common.runner.placeholders import OUT, describe_missing_data, scrub_paths
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository: common/runner/filing.py is two folders down
 RESULTS_DIR = ROOT / "results"
 IMG_DIR = ROOT / "docs" / "img"
 RECORD_KINDS = ("cpu", "gpu")  # results/cpu: the CPU profile on a CPU; results/gpu: the default recipe on a GPU
@@ -197,6 +201,7 @@ class Filed:
     figures: list[Path]
     commit: str
     commit_verified: bool
+    notes: list[str]  # what filing added or could not add (the data's description)
 
 
 def file_run(out_dir: Path, level: int, commit: str | None = None, root: Path = ROOT, repo: Path = ROOT) -> Filed:
@@ -251,7 +256,10 @@ def file_run(out_dir: Path, level: int, commit: str | None = None, root: Path = 
             figures[key] = (img_dir / name).relative_to(root).as_posix()  # as the README links it
 
     m.pop("process", None)  # the pid and host of a process long gone: meaningless in a kept record
-    m["record"] = dict(kind=kind, commit=commit, commit_verified=verified, filed_from=str(source),
+    notes = [note for note in [describe_missing_data(m, "filing")] if note]  # a run from before `data` was kept
+    m["record"] = dict(kind=kind, commit=commit, commit_verified=verified,
+                       filed_from=f"{OUT}/{source.relative_to(out_dir).as_posix()}",
                        filed_on=time.strftime("%Y-%m-%d"), figures=figures)
+    m = scrub_paths(m)  # DATA, OUT, WEIGHTS/...: no path of this machine in a kept record
     path = write_json_atomic(record_path(kind, level, root / RESULTS_DIR.relative_to(ROOT)), m)
-    return Filed(path, [root / p for p in figures.values()], commit, verified)
+    return Filed(path, [root / p for p in figures.values()], commit, verified, notes)

@@ -1,6 +1,8 @@
 """README.md's generated blocks: the results table, the speed table and the pictures, made from the kept records
 (results/, common/runner/filing.py).
 
+The results block also says what data the records ran on (their `data`) and sets each level beside the peers,
+the fastest known recipes trained from scratch on the same data (results/cpu/peers.json, common/runner/peers.py).
 The README holds three generated blocks, each between marker comments:
 `<!-- results:start ... -->` ... `<!-- results:end -->`, and the same for `speed` and `pictures`. `python run.py summary --readme` rewrites them from
 results/cpu/*.json and results/gpu/*.json; tests/test_readme.py fails when the README's blocks differ from what this
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.io import write_text_atomic
+from common.runner.peers import against_cell, against_header, load_peers, readme_peers
 from common.runner.summary import ACCURACY_BARS, LEVELS, compiled_text, result_cells, time_text
 
 TEACHES = {
@@ -93,16 +96,46 @@ def _accuracy_text(m: dict, link: str) -> str:
 
 def _script_link(level: int) -> str:
     """"[1](levels/level1_baseline.py)": the level's number, linking to its script."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # the repository (this file: common/runner/readme.py)
     script = next(root.glob(f"levels/level{level}_*.py"), None)
     return f"[{level}]({script.relative_to(root).as_posix()})" if script else str(level)
 
 
-def readme_results(cpu: dict[int, dict], gpu: dict[int, dict]) -> list[str]:
-    """The README's results table: a row per level, the CPU profile's kept record (or "not yet recorded") and
-    the GPU recipe's (or "unmeasured")."""
-    lines = ["| level | what it teaches | CPU profile: test accuracy | bar | time | hardware | model | GPU recipe |",
-             "|---|---|---|---|---|---|---|---|"]
+def _levels_text(levels: list[int]) -> str:
+    """"Level 2", "Levels 1 and 3", "Levels 1, 2, 3 and 4"."""
+    names = [str(level) for level in levels]
+    return f"Level {names[0]}" if len(names) == 1 else f"Levels {', '.join(names[:-1])} and {names[-1]}"
+
+
+def readme_data(cpu: dict[int, dict]) -> str:
+    """The line under the results table that says what the records' data is: their `data` descriptions, grouped
+    (one phrase when every level ran on the same images)."""
+    groups: dict[tuple, list[int]] = {}
+    for level, m in sorted(cpu.items()):
+        d = m.get("data") or {}
+        key = tuple(d.get(k) for k in ("layout", "files", "train_images", "test_images", "fingerprint")) \
+            + (m.get("train_size"), m.get("val_size"), bool(d.get("described")))
+        groups.setdefault(key, []).append(level)
+    phrases = []
+    for (layout, files, train, test, fingerprint, train_size, val_size, added), levels in groups.items():
+        if fingerprint is None:
+            phrases.append(f"{_levels_text(levels)}: the record does not describe its data")
+            continue
+        what = f"an image folder of {files} files" if layout == "image folder" else f"the {layout}, {files}"
+        phrases.append(f"{_levels_text(levels)} ran on {what}: {train:,} training images (the "
+                       f"levels train on {train_size:,} and validate on the other {val_size:,}) and {test:,} test "
+                       f"images, content fingerprint `{fingerprint}` (the sha256 of the decoded images and labels)"
+                       + (", described from that folder when the records, made before runs described their data, "
+                          "were converted" if added else ""))
+    return "**Data**: " + ("; ".join(phrases) if phrases else "no record kept yet") + "."
+
+
+def readme_results(cpu: dict[int, dict], gpu: dict[int, dict], peers: dict | None = None) -> list[str]:
+    """The README's results table: a row per level, the CPU profile's kept record (or "not yet recorded"), its
+    distance from the peers on the same data (results/cpu/peers.json), and the GPU recipe's (or "unmeasured");
+    then what the data is, and the peers."""
+    lines = [f"| level | what it teaches | CPU profile: test accuracy | {against_header(peers)} | bar | time "
+             f"| hardware | model | GPU recipe |", "|---|---|---|---|---|---|---|---|---|"]
     for level in LEVELS:
         m, g = cpu.get(level), gpu.get(level)
         number = _script_link(level)
@@ -110,12 +143,15 @@ def readme_results(cpu: dict[int, dict], gpu: dict[int, dict]) -> list[str]:
             f"{_accuracy_text(g, f'results/gpu/level{level}.json')}, {time_text(g)} on {result_cells(g).device}"
         if m is None:
             lines.append(f"| {number} | {TEACHES[level]} | not yet recorded ([earlier measurements]"
-                         f"({HISTORY_PAGE}#level-{level})) | {_bar_text(level, None)} | — | — | — | {on_gpu} |")
+                         f"({HISTORY_PAGE}#level-{level})) | — | {_bar_text(level, None)} | — | — | — | "
+                         f"{on_gpu} |")
             continue
         lines.append(f"| {number} | {TEACHES[level]} | {_accuracy_text(m, f'results/cpu/level{level}.json')} | "
-                     f"{_bar_text(level, m)} | {time_text(m)}{compiled_text(m)} | {result_cells(m).device} | {_model_text(m)} | "
-                     f"{on_gpu} |")
-    return lines
+                     f"{against_cell(m, peers)} | {_bar_text(level, m)} | {time_text(m)}{compiled_text(m)} | "
+                     f"{result_cells(m).device} | {_model_text(m)} | {on_gpu} |")
+    fingerprints = {(m.get("data") or {}).get("fingerprint") for m in cpu.values()}
+    return [*lines, "", readme_data(cpu), "", *readme_peers(peers, next(iter(fingerprints)) if len(fingerprints) == 1
+                                                             else None)]
 
 
 def readme_pictures(cpu: dict[int, dict]) -> list[str]:
@@ -184,7 +220,7 @@ def render_readme(text: str, results_dir: Path | None = None) -> str:
 
     results_dir = results_dir or RESULTS_DIR
     cpu, gpu = load_records("cpu", results_dir), load_records("gpu", results_dir)
-    text = _replace_block(text, "results", readme_results(cpu, gpu))
+    text = _replace_block(text, "results", readme_results(cpu, gpu, load_peers(results_dir)))
     text = _replace_block(text, "speed", readme_speed(results_dir))
     return _replace_block(text, "pictures", readme_pictures(cpu))
 

@@ -151,8 +151,10 @@ class LevelRun:
         from common.data import load_splits
 
         splits = load_splits(settings.data_dir, settings.train_size, settings.val_size, settings.test_size)
+        # data_source: where the images were read here; data: what they are (format, counts, content fingerprint),
+        # which a kept record keeps when its paths become placeholders (common/runner/placeholders.py)
         self.metrics.update(train_size=len(splits.train), val_size=len(splits.val), test_size=len(splits.test),
-                            data_source=splits.source)
+                            data_source=splits.source, data=splits.data)
         images = {name: (s.images.to(device), s.labels.to(device))
                   for name, s in (("train", splits.train), ("val", splits.val), ("test", splits.test))}
         return splits, images
