@@ -77,14 +77,10 @@ class Hyperparameters:
     cache_features: bool = True  # try --no-cache-features: the backbone on every batch, as the original did
 
 
-# --profile cpu: the whole data set on a CPU. EfficientNet-Lite0 (ImageNet weights, 4.7 M parameters) at
-# 224 px: its frozen features reach about 79% with a linear head, against 74% at 128 px and 58% at 64.
-# 15 epochs at lr 3e-3: the head costs seconds on cached features, and 5 at 1e-3 left it underfit (measured on
-# the full data, 2-core Xeon: train accuracy 80.8%, validation 78.09%, test 77.69%; with 15 at 3e-3: 85.5%,
-# 78.57%, 78.32%, in 17 min, nearly all of it the feature pass). On the AMD EPYC with AVX-512 and bf16 hardware the
-# frozen backbone predicts in bf16: 78.23% test in 5.5 min (results/cpu/level1.json).
-# Feature batch 16, not 256: on a 2-core CPU a batch of 256 images at 128-224 px spills out of the caches. Pretrained
-# lite0 inferred at 21 img/s in batches of 256 at 224 px and 36 in batches of 16 (73 vs 172 at 128 px) on the AMD EPYC.
+# --profile cpu: the whole data set on a CPU. EfficientNet-Lite0 (ImageNet weights) at 224 px: resolution matters to
+# ImageNet features, and lite0 at 224 probed better than lite1 at 240 and lite2 at 260. 15 epochs at lr 3e-3: the head
+# costs seconds on cached features, and fewer left it underfit. Feature batches of 16: on a 2-core CPU a batch of 256
+# spills out of the caches. The measurements: docs/cpu-profile.md
 CPU_PROFILE = dict(model="efficientnet_lite0", img_size=224, epochs=15, lr=3e-3, feature_batch_size=16)
 
 TITLE = "Level 1: transfer learning baseline"

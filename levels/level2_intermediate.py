@@ -86,15 +86,10 @@ class Hyperparameters:
     eval_batch_size: int = 256  # validation and test only run inference: larger batches change only speed
 
 
-# --profile cpu: the whole data set on a 2-core CPU, measured: 90.66% test, 55.6 min in all (a 10-min ablation, then a
-# 41-min main run; AMD EPYC with AVX-512 and bf16 hardware, fp32 training, bf16 inference; results/cpu/level2.json).
-# EfficientNet-Lite0 (ImageNet weights) at 128 px, fine-tuned in full: its "last stage" holds only 30% of its
-# parameters (ResNet50's layer4: 64%), too small a step to reach 90% (82.5% measured after 10 epochs at 128 px). lr,
-# weight decay and label smoothing are those of a full fine-tune of lite0 measured here at 86.8% after 3 epochs at
-# 96 px. The ablation's arms train 2 epochs on a 10,000-image subset; on so short a budget augmentation does not win:
-# in the kept run no augmentation was 0.48 points ahead on validation, within noise, so the recipe (with
-# augmentation) trained; in an earlier run on a Xeon it lost beyond noise (82.55% against 83.78%) and the main run
-# trained without it.
+# --profile cpu: the whole data set on a 2-core CPU. EfficientNet-Lite0 (ImageNet weights) at 128 px, fine-tuned in
+# full: its last stage holds too few of its weights for a partial fine-tune to reach 90%. A full fine-tune's lr, weight
+# decay and label smoothing; the ablation's arms train 2 epochs on a 10,000-image subset, too short for augmentation to
+# win clearly either way. The measurements: docs/cpu-profile.md
 CPU_PROFILE = dict(model="efficientnet_lite0", img_size=128, epochs=5, lr=1e-3, weight_decay=0.05,
                    label_smoothing=0.1, fine_tune_scope="all", ablation_epochs=2, ablation_train_size=10_000,
                    eval_batch_size=16)  # see Level 1's CPU_PROFILE: small batches are faster on a CPU
