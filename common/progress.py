@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from typing import Callable
 from dataclasses import dataclass
 
 from rich.console import Console, Group
@@ -36,6 +37,12 @@ class EpochStats:
     lr: float  # at the epoch's first step (the schedule steps per batch)
     images_per_second: float
     seconds: float
+
+
+# The whole level's time left, as one phrase ("the level: about 52 min left, by ..."), or None when no estimate
+# exists. The runner sets it (common/runner/results.py: from the kept record of the same recipe); every training's
+# display shows it beside that training's own time left.
+level_time_left: Callable[[], str | None] = lambda: None  # noqa: E731
 
 
 def _format_row(s: EpochStats) -> list[str]:
@@ -89,11 +96,13 @@ class TrainingDisplay:
         return Group(table, self.progress, self._run_eta())
 
     def _run_eta(self) -> str:
+        level = level_time_left()
         if not self.rows:
-            return ""
+            return level or ""
         per_epoch = sum(r.seconds for r in self.rows) / len(self.rows)
         left = per_epoch * (self.epochs - len(self.rows))
-        return f"elapsed {time.perf_counter() - self.started:.0f}s, about {left:.0f}s of training left"
+        return (f"elapsed {time.perf_counter() - self.started:.0f}s, about {left:.0f}s of this training left"
+                + (f"; {level}" if level else ""))
 
     def __enter__(self):
         if self.live:
@@ -123,8 +132,10 @@ class TrainingDisplay:
         self.rows.append(stats)
         if not self.live:
             cells = dict(zip(self.COLUMNS, _format_row(stats)))
+            level = level_time_left()
             console.print(f"epoch {cells['epoch']}/{self.epochs}  " +
-                          "  ".join(f"{k} {v}" for k, v in cells.items() if k != "epoch"), highlight=False)
+                          "  ".join(f"{k} {v}" for k, v in cells.items() if k != "epoch")
+                          + (f"  ({level})" if level else ""), highlight=False)
 
     # -- other long steps (feature extraction, evaluation)
     @contextmanager

@@ -63,3 +63,39 @@ def test_on_a_gpu_every_level_keeps_the_original_recipe(level, monkeypatch, caps
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     settings, _ = parse()
     assert (settings.profile, settings.profile_chosen) == ("cpu", "chosen: no CUDA GPU here")
+
+
+def test_the_live_table_says_the_whole_levels_time_left_from_the_kept_record_of_the_same_recipe(
+        tmp_path, monkeypatch, capsys):
+    """A full CPU-profile run of the kept record's recipe: every epoch line (and the live table) says the level's
+    time left, the kept run's time in all less what this run has spent. Another recipe, or a smoke run: nothing."""
+    import dataclasses
+
+    from common import progress
+    from common.progress import EpochStats, TrainingDisplay
+    from common.runner.cli import parse_args
+    from common.runner.results import LevelRun
+
+    level1 = load_level(1)
+    monkeypatch.setattr(progress, "level_time_left", lambda: None)
+    (tmp_path / "cpu").mkdir()
+    settings, hp = parse_args(["--profile", "cpu"], level1.Hyperparameters(), prog="test",
+                              profiles=dict(cpu=level1.CPU_PROFILE))
+    kept = dict(config=dataclasses.asdict(hp), total_seconds=3000.0, environment=dict(device="CPU (the kept one)"))
+    (tmp_path / "cpu" / "level1.json").write_text(json.dumps(kept))
+
+    def estimate(argv: list[str]) -> str | None:
+        monkeypatch.setattr(progress, "level_time_left", lambda: None)
+        settings, hp = parse_args(argv, level1.Hyperparameters(), prog="test", profiles=dict(cpu=level1.CPU_PROFILE))
+        LevelRun(1, "t", "a", dataclasses.replace(settings, out_dir=str(tmp_path / "out")), hp
+                 ).estimate_from_kept_record(tmp_path)
+        return progress.level_time_left()
+
+    assert estimate(["--profile", "cpu"]) == ("the level: about 50 min left, by the kept run of this recipe on "
+                                              "CPU (the kept one)")
+    with TrainingDisplay("t", 2, live=False) as display:
+        display.end_epoch(EpochStats(1, 1.0, 0.5, 1.0, 0.5, 1e-3, 100.0, 1.0))
+    assert "(the level: about 50 min left, by the kept run" in capsys.readouterr().out
+    assert estimate(["--profile", "cpu", "--lr", "0.01"]) is None  # another recipe: its time is not this one's
+    assert estimate(["--profile", "cpu", "--quick"]) is None
+    assert estimate(["--profile", "gpu"]) is None

@@ -83,6 +83,7 @@ class LevelRun:
 
     def __init__(self, level: int, title: str, approach: str, settings, hyperparameters):
         self.level, self.settings = level, settings
+        self.hyperparameter_names = [f.name for f in dataclasses.fields(hyperparameters)]
         self.out_dir = Path(settings.out_dir)
         self.dir = self.out_dir / f"level{level}"
         self.started = time.perf_counter()
@@ -101,6 +102,32 @@ class LevelRun:
         self.lock = LevelLock(self.out_dir, level)  # one run per level folder: taken by execute(), first of all
         self.to_keep: dict | None = None  # a finished run found in the folder, moved aside at this run's first write
 
+    def estimate_from_kept_record(self, results_dir: Path | None = None) -> None:
+        """The live table's time left for the whole level: when this run trains the very recipe of the level's kept
+        record (results/cpu/levelN.json: the same hyperparameters, on the whole data set), that record's time in all,
+        less the time this run has spent. Said as an estimate, with the record's hardware; no estimate otherwise."""
+        from common import progress
+        from common.runner.filing import RESULTS_DIR, record_path
+
+        path = record_path("cpu", self.level, results_dir or RESULTS_DIR)
+        if self.settings.profile != "cpu" or self.settings.quick or not path.is_file():
+            return
+        if any(getattr(self.settings, k) is not None for k in ("train_size", "val_size", "test_size")):
+            return
+        kept = json.loads(path.read_text())
+        same = all(kept.get("config", {}).get(k) == v for k, v in self.metrics["config"].items()
+                   if k in self.hyperparameter_names)
+        if not same or not kept.get("total_seconds"):
+            return
+        device = (kept.get("environment") or {}).get("device", "its machine")
+
+        def left() -> str:
+            spent = self.metrics["resumed_after_seconds"] + time.perf_counter() - self.started
+            minutes = max(kept["total_seconds"] - spent, 0) / 60
+            return f"the level: about {minutes:.0f} min left, by the kept run of this recipe on {device}"
+
+        progress.level_time_left = left
+
     # -- setup -------------------------------------------------------------------------------------------------
     def setup(self, settings):
         """Seeds, device (joining the process group under torchrun), backends; recorded in metrics.
@@ -114,6 +141,7 @@ class LevelRun:
         self.metrics["environment"] = dict(environment(device), **configure_backends(device, settings.deterministic))
         self.device = device
         self.compile = self._resolve_compile(settings)
+        self.estimate_from_kept_record()
         return device
 
     def _resolve_compile(self, settings) -> bool:
