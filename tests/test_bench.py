@@ -79,7 +79,10 @@ def test_host_memory_and_targets(bench):
     assert report["level1_cache"] is None  # --no-level1-comparison
     host = report["host"]
     assert host["data_bytes"] == 60_000 * 3 * 32 * 32 + 60_000 * 8  # uint8 images and int64 labels
-    assert host["peak_bytes"] >= host["data_load_peak_increase_bytes"] > 0
+    # the data load raises the process's high-water mark unless an earlier moment (imports) already set it higher,
+    # which happened once in CI (an increase of 0): the peak itself must hold at least the data
+    assert host["peak_bytes"] >= max(host["data_load_peak_increase_bytes"], host["data_bytes"])
+    assert host["data_load_peak_increase_bytes"] >= 0
     targets = {t["target"]: t for t in report["targets"]}
     for r in report["recipes"]:  # each verdict follows its own measurement
         assert targets[f"{r['name']}: pipeline_overhead ≤ 0.10"]["met"] is (r["pipeline_overhead"] <= 0.10)
