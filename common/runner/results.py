@@ -124,7 +124,8 @@ class LevelRun:
         def left() -> str:
             spent = self.metrics["resumed_after_seconds"] + time.perf_counter() - self.started
             minutes = max(kept["total_seconds"] - spent, 0) / 60
-            return f"the level: about {minutes:.0f} min left, by the kept run of this recipe on {device}"
+            left = f"about {minutes:.0f} min" if minutes >= 1 else "under a minute"
+            return f"the level: {left} left, by the kept run of this recipe on {device}"
 
         progress.level_time_left = left
 
