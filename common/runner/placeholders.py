@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from common.io import write_json_atomic
+from common.models import weight_pairs
 
 DATA, OUT, WEIGHTS, LOCAL = "DATA", "OUT", "WEIGHTS", "LOCAL"
 LEGEND = {
@@ -50,16 +51,14 @@ def _last_part(path: str) -> str:
 
 
 def weights_placeholder(value: str) -> str:
-    """"/a/x.pth" -> "WEIGHTS/x.pth"; "lite2=/a/y.pth,lite0=/b/z.pth" -> "lite2=WEIGHTS/y.pth,lite0=WEIGHTS/z.pth"."""
-    parts = []
-    for item in value.split(","):
-        name, equals, file = item.rpartition("=")
-        parts.append(f"{name}{equals}{WEIGHTS}/{_last_part(file)}" if file else item)
-    return ",".join(parts)
+    """"/a/x.pth" -> "WEIGHTS/x.pth"; "lite2=/a/y.pth,lite0=/b/z.pth" -> "lite2=WEIGHTS/y.pth,lite0=WEIGHTS/z.pth"
+    (the flag read as the levels read it: common.models.weight_pairs)."""
+    return ",".join(f"{name}={WEIGHTS}/{_last_part(file)}" if name else f"{WEIGHTS}/{_last_part(file)}"
+                    for name, file in weight_pairs(value).items())
 
 
 def _weight_files(value: str | None) -> list[str]:
-    return [item.rpartition("=")[2] for item in (value or "").split(",") if item.rpartition("=")[2]]
+    return list(weight_pairs(value).values()) if value else []
 
 
 def _placeholder_for(flag: str, value: str) -> str:
